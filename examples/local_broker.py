@@ -1,0 +1,122 @@
+"""Start a private Mosquitto on a free loopback port (for tests, demos, benchmarks).
+
+    from local_broker import LocalBroker
+    with LocalBroker() as broker:
+        print(broker.uri)          # mqtt://127.0.0.1:PORT
+
+Needs the ``mosquitto`` binary (Debian package ``mosquitto``).  The broker gets
+its own configuration in a temporary directory: loopback only, anonymous
+access unless a password file is given, ``set_tcp_nodelay true`` (see the
+README's note for broker operators), no persistence unless asked for.
+"""
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalBroker:
+    """A private ``mosquitto`` process.
+
+    :param port: TCP port (default: a free one).
+    :param persistence: keep sessions and queued messages across restarts.
+    :param extra: more mosquitto.conf lines (global options, or the body of
+      the default listener: e.g. TLS or ``password_file``/``acl_file`` lines).
+    :param listeners: additional ``listener ...`` blocks, appended verbatim.
+    """
+
+    def __init__(self, port=None, persistence=False, extra="", listeners="", anonymous=True):
+        if shutil.which("mosquitto") is None and not os.path.exists("/usr/sbin/mosquitto"):
+            raise RuntimeError("mosquitto is not installed (apt-get install mosquitto)")
+        self.port = port or free_port()
+        self.dir = tempfile.mkdtemp(prefix="mqbtt-broker-")
+        self.persistence = persistence
+        self.extra = extra
+        self.listeners = listeners
+        self.anonymous = anonymous
+        self.proc = None
+        self.log_path = os.path.join(self.dir, "mosquitto.log")
+
+    @property
+    def uri(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def config(self) -> str:
+        lines = [
+            "per_listener_settings false",
+            f"allow_anonymous {'true' if self.anonymous else 'false'}",
+            "set_tcp_nodelay true",
+            f"persistence {'true' if self.persistence else 'false'}",
+            f"persistence_location {self.dir}/",
+            "autosave_interval 1",
+            "log_type error",
+            "log_type warning",
+            "log_type notice",
+            f"log_dest file {self.log_path}",
+            f"listener {self.port} 127.0.0.1",
+            self.extra,
+            self.listeners,
+        ]
+        return "\n".join(lines) + "\n"
+
+    def start(self, timeout=10.0):
+        conf = os.path.join(self.dir, "mosquitto.conf")
+        with open(conf, "w") as f:
+            f.write(self.config())
+        exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        self.proc = subprocess.Popen([exe, "-c", conf], stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                err = self.proc.stderr.read().decode(errors="replace")
+                raise RuntimeError(f"mosquitto exited ({self.proc.returncode}): {err}{self.log()}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return self
+            except OSError:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"mosquitto did not listen on port {self.port}")
+                time.sleep(0.02)
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc and self.proc.stderr:
+            self.proc.stderr.close()
+
+    def restart(self):
+        self.stop()
+        return self.start()
+
+    def log(self) -> str:
+        try:
+            with open(self.log_path) as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    def cleanup(self):
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.cleanup()

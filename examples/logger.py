@@ -1,0 +1,27 @@
+"""Example logger: print every log line the miner of a pair publishes.
+
+    python examples/logger.py [PAIR_ID]           # default pair id: test
+
+The broker is $MQBTT_BROKER, else the documented default host.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from mqbtt import DEFAULT_BROKER, MQbtTError, MQbtTLogReceiver  # noqa: E402
+
+
+def main(pair_id="test", broker=None):
+    broker = broker or os.environ.get("MQBTT_BROKER") or DEFAULT_BROKER
+    with MQbtTLogReceiver(broker, pair_id) as handle:
+        while True:
+            print(handle.receive_log(), flush=True)
+
+
+if __name__ == "__main__":
+    try:
+        main(*sys.argv[1:2])
+    except (MQbtTError, ValueError) as err:
+        sys.exit(f"logger: {err}")
+    except KeyboardInterrupt:
+        pass
