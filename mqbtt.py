@@ -478,6 +478,48 @@ def _host_tag() -> str:
 _FATAL = object()
 
 
+def _paho_client(broker: "BrokerURI", client_id: str, clean_session: bool, **kwargs):
+    """A paho-mqtt 2 client (callback API 2, MQTT 3.1.1) for *broker*: transport,
+    TLS and credentials from the URI, reconnect back-off 1 s to 30 s, TCP_NODELAY,
+    exceptions in callbacks logged instead of killing the network thread.
+    *kwargs* go to :class:`paho.mqtt.client.Client` (e.g. ``manual_ack``)."""
+    import paho.mqtt.client as mqtt
+    b = broker
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+                    clean_session=clean_session, transport=b.transport,
+                    protocol=mqtt.MQTTv311, **kwargs)
+    c.suppress_exceptions = True
+    if log.isEnabledFor(logging.DEBUG):
+        c.enable_logger(logging.getLogger("mqbtt.paho"))
+    if b.transport == "websockets":
+        c.ws_set_options(path=b.path)
+    if b.tls:
+        import ssl
+        ctx = ssl.create_default_context(cafile=b.cafile)
+        if b.insecure:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        c.tls_set_context(ctx)
+    if b.username is not None:
+        c.username_pw_set(b.username, b.password)
+    c.reconnect_delay_set(1, 30)
+    c.connect_timeout = 5.0
+    c.max_queued_messages_set(0)
+    c.on_socket_open = _tcp_nodelay
+    return c
+
+
+def _tcp_nodelay(client, userdata, sock):
+    """paho ``on_socket_open`` callback: turn Nagle's algorithm off (Nagle +
+    delayed ACKs stall QoS>=1 exchanges by ~40 ms)."""
+    import socket
+    raw = getattr(sock, "_socket", sock)
+    try:
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (OSError, AttributeError):
+        pass
+
+
 class MQbtTBase:
     """Base class for all MQbtT classes.
 
@@ -551,7 +593,6 @@ class MQbtTBase:
         self._subscribed = False
         self._sub_mid = None
         self._error = None        # fatal error (auth refused, subscription refused)
-        self._first_error = None  # last error while waiting for the first connection
         self._stopped = False
         self._pending = deque()   # MQTTMessageInfo of non-blocking QoS>0 sends
         self._connected_at = 0.0
@@ -574,30 +615,9 @@ class MQbtTBase:
 
     # -- paho plumbing ----------------------------------------------------------
     def _make_client(self):
-        import paho.mqtt.client as mqtt
-        b = self.broker
-        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id,
-                        clean_session=self.clean_session, transport=b.transport,
-                        protocol=mqtt.MQTTv311, **self._client_kwargs())
-        c.suppress_exceptions = True
-        c.enable_logger(logging.getLogger("mqbtt.paho"))
-        if b.transport == "websockets":
-            c.ws_set_options(path=b.path)
-        if b.tls:
-            import ssl
-            ctx = ssl.create_default_context(cafile=b.cafile)
-            if b.insecure:
-                ctx.check_hostname = False
-                ctx.verify_mode = ssl.CERT_NONE
-            c.tls_set_context(ctx)
-        if b.username is not None:
-            c.username_pw_set(b.username, b.password)
-        c.reconnect_delay_set(1, 30)
-        c.connect_timeout = 5.0
-        c.max_queued_messages_set(0)
+        c = _paho_client(self.broker, self.client_id, self.clean_session, **self._client_kwargs())
         c.on_socket_open = self._on_socket_open
         c.on_connect = self._on_connect
-        c.on_connect_fail = self._on_connect_fail
         c.on_disconnect = self._on_disconnect
         c.on_subscribe = self._on_subscribe
         c.on_message = self._on_message
@@ -609,19 +629,22 @@ class MQbtTBase:
     def _start(self, connect_timeout):
         c = self._client
         try:
-            c.connect_async(self.broker.host, self.broker.port, self.keepalive)
-        except (ValueError, OSError) as err:
-            raise MQbtTConnectionError(f"cannot connect to {self.broker}: {err}") from None
+            # the first connection is synchronous, so that its failure is reported
+            # with its real cause (refused, unknown host, TLS, websocket handshake)
+            c.connect(self.broker.host, self.broker.port, self.keepalive)
+        except Exception as err:  # OSError, ssl.SSLError, WebsocketConnectionError, ValueError
+            self._shutdown(wait=False)
+            raise MQbtTConnectionError(f"cannot connect to {self.broker}: {_describe(err)}") from None
         c.loop_start()
         deadline = time.monotonic() + connect_timeout
         with self._cond:
-            while not (self._subscribed or self._error or self._first_error):
+            while not (self._subscribed or self._error):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
                 self._cond.wait(left)
             ok = self._subscribed and not self._error
-            err = self._error or self._first_error
+            err = self._error
         if not ok:
             self._shutdown(wait=False)
             if err is None:
@@ -630,13 +653,7 @@ class MQbtTBase:
             raise err
 
     def _on_socket_open(self, client, userdata, sock):
-        # Nagle's algorithm + delayed ACKs stall QoS>=1 exchanges by ~40 ms.
-        import socket
-        raw = getattr(sock, "_socket", sock)
-        try:
-            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except (OSError, AttributeError):
-            pass
+        _tcp_nodelay(client, userdata, sock)
 
     def _on_connect(self, client, userdata, flags, reason_code, properties):
         if reason_code.is_failure:
@@ -686,13 +703,6 @@ class MQbtTBase:
         if bad:
             log.error("%s", err)
             self._wake_receivers()
-
-    def _on_connect_fail(self, client, userdata):
-        with self._cond:
-            if self.connections == 0 and self._first_error is None:
-                self._first_error = MQbtTConnectionError(
-                    f"cannot connect to {self.broker}: {_last_socket_error(client)}")
-                self._cond.notify_all()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
         now = time.monotonic()
@@ -863,15 +873,21 @@ def _wait_published(info, timeout) -> bool:
     return True
 
 
-def _last_socket_error(client) -> str:
+def _describe(err: BaseException) -> str:
+    """A one-line description of a connection error."""
     import socket
-    try:
-        socket.create_connection((client.host, client.port), timeout=3).close()
-    except socket.gaierror as err:
-        return f"unknown host {client.host!r} ({err.strerror})"
-    except OSError as err:
-        return err.strerror or str(err)
-    return "the connection failed (TLS or websocket handshake?)"
+    import ssl
+    if isinstance(err, socket.gaierror):
+        return f"unknown host ({err.strerror})"
+    if isinstance(err, ssl.SSLCertVerificationError):
+        return f"TLS certificate verification failed: {err.verify_message or err.reason}"
+    if isinstance(err, ssl.SSLError):
+        return f"TLS error: {err.reason or err}"
+    if isinstance(err, socket.timeout):
+        return "timed out"
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    return f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
 
 
 class MQbtTOptimizer(MQbtTBase):

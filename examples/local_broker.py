@@ -52,6 +52,9 @@ class LocalBroker:
 
     def config(self) -> str:
         lines = [
+            # as root, mosquitto would drop to the "mosquitto" user, which cannot read
+            # the private temporary directories this broker's files live in
+            "user root" if hasattr(os, "geteuid") and os.geteuid() == 0 else "",
             "per_listener_settings false",
             f"allow_anonymous {'true' if self.anonymous else 'false'}",
             "set_tcp_nodelay true",
@@ -76,17 +79,24 @@ class LocalBroker:
         self.proc = subprocess.Popen([exe, "-c", conf], stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + timeout
+        ports = [self.port] + [int(line.split()[1]) for line in self.listeners.splitlines()
+                               if line.startswith("listener ")]
+        for port in ports:
+            self._wait_port(port, deadline)
+        return self
+
+    def _wait_port(self, port, deadline):
         while True:
             if self.proc.poll() is not None:
                 err = self.proc.stderr.read().decode(errors="replace")
                 raise RuntimeError(f"mosquitto exited ({self.proc.returncode}): {err}{self.log()}")
             try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-                return self
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                return
             except OSError:
                 if time.monotonic() > deadline:
                     self.stop()
-                    raise RuntimeError(f"mosquitto did not listen on port {self.port}")
+                    raise RuntimeError(f"mosquitto did not listen on port {port}")
                 time.sleep(0.02)
 
     def stop(self):

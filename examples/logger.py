@@ -14,6 +14,8 @@ from mqbtt import DEFAULT_BROKER, MQbtTError, MQbtTLogReceiver  # noqa: E402
 def main(pair_id="test", broker=None):
     broker = broker or os.environ.get("MQBTT_BROKER") or DEFAULT_BROKER
     with MQbtTLogReceiver(broker, pair_id) as handle:
+        print(f"logger: listening to the log lines of pair {pair_id!r} on {handle.broker}",
+              file=sys.stderr, flush=True)
         while True:
             print(handle.receive_log(), flush=True)
 
