@@ -1,0 +1,436 @@
+"""Reliability and security scenarios (issue 6) on a real Mosquitto.
+
+Each scenario prints its figures (sent / received / lost / duplicated); run
+``pytest -q -s test_reliability.py`` to see them.
+"""
+import gc
+import os
+import random
+import resource
+import select
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import mqbtt
+from mqbtt import (Empty, MQbtTConnectionError, MQbtTDecodeError, MQbtTLogReceiver, MQbtTMiner,
+                   MQbtTOptimizer, MQbtTSubscribeError, Reply, Request, Share)
+from local_broker import LocalBroker, free_port
+from test_mqbtt import publish_raw, raw_client, wait_for
+
+
+def figures(name, sent, received, lost=None, dup=None):
+    lost = sent - len(set(received)) if lost is None else lost
+    dup = len(received) - len(set(received)) if dup is None else dup
+    print(f"\n[{name}] sent={sent} received={len(received)} lost={lost} duplicated={dup}")
+    return lost, dup
+
+
+class Proxy:
+    """A TCP proxy between clients and the broker that can be frozen (stop
+    forwarding, like a cut cable) and cut (close every connection)."""
+
+    def __init__(self, target_port):
+        self.target = target_port
+        self.srv = socket.socket()
+        self.srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.srv.bind(("127.0.0.1", 0))
+        self.srv.listen(16)
+        self.port = self.srv.getsockname()[1]
+        self.frozen = threading.Event()
+        self.pairs = []
+        self.closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while not self.closed:
+            try:
+                c, _ = self.srv.accept()
+            except OSError:
+                return
+            if self.frozen.is_set():
+                c.close()      # the "cable" is cut: no new connection either
+                continue
+            try:
+                u = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:
+                c.close()
+                continue
+            self.pairs.append((c, u))
+            threading.Thread(target=self._pump, args=(c, u), daemon=True).start()
+
+    def _pump(self, a, b):
+        socks = [a, b]
+        try:
+            while not self.closed:
+                r, _, _ = select.select(socks, [], [], 0.05)
+                if self.frozen.is_set():
+                    continue   # data stays unread: nothing flows either way
+                for s in r:
+                    data = s.recv(65536)
+                    if not data:
+                        return
+                    (b if s is a else a).sendall(data)
+        except OSError:
+            pass
+        finally:
+            a.close()
+            b.close()
+
+    def cut(self):
+        for a, b in self.pairs:
+            for s in (a, b):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        self.pairs = []
+
+    def close(self):
+        self.closed = True
+        self.cut()
+        self.srv.close()
+
+
+# ---------------------------------------------------------------------------
+# faults
+# ---------------------------------------------------------------------------
+
+def test_broker_restart_mid_stream_loses_nothing(persistent_broker):
+    """Mosquitto with persistence is restarted during a stream of shares and
+    request/reply exchanges: both sides reconnect by themselves; no QoS>=1
+    message is lost; QoS 2 requests/replies are handed over exactly once."""
+    b = persistent_broker
+    n_shares, n_req = 400, 40
+    got_shares, got_req, got_rep = [], [], []
+    with MQbtTOptimizer(b.uri, "brs") as opt, MQbtTMiner(b.uri, "brs") as miner:
+        def miner_loop():
+            for i in range(n_shares):
+                miner.send_share(Share(nonce=i), blocking=False)
+                if i == n_shares // 2:
+                    b.restart()
+            while len(got_req) < n_req:
+                try:
+                    r = miner.receive_request(timeout=20)
+                except Empty:
+                    return
+                got_req.append(r.timestamp_min)
+                miner.send_reply(Reply(num_shares=r.timestamp_min), timeout=30)
+        t = threading.Thread(target=miner_loop)
+        t.start()
+        for i in range(n_req):
+            if i == n_req // 2:
+                b.restart()
+            opt.send_request(Request(timestamp_min=i), timeout=30)
+            got_rep.append(opt.receive_reply(timeout=30).num_shares)
+        while len(got_shares) < n_shares:
+            try:
+                got_shares.append(opt.receive_share(timeout=10).nonce)
+            except Empty:
+                break
+        t.join(30)
+        assert miner.wait_sent(10)
+        # nothing more is pending: no late duplicate either
+        with pytest.raises(Empty):
+            opt.receive_reply(timeout=0.5)
+        while opt.has_share():
+            got_shares.append(opt.receive_share().nonce)
+        assert opt.connections >= 3 and miner.connections >= 3
+    lost, dup = figures("broker restart, shares QoS 1", n_shares, got_shares)
+    assert lost == 0
+    lost2, dup2 = figures("broker restart, requests+replies QoS 2", 2 * n_req, got_req + got_rep,
+                          lost=2 * n_req - len(set(got_req)) - len(set(got_rep)),
+                          dup=len(got_req) - len(set(got_req)) + len(got_rep) - len(set(got_rep)))
+    assert lost2 == 0 and dup2 == 0
+    assert got_rep == list(range(n_req))
+
+
+def test_client_cut_off_longer_than_keepalive_gets_queued_messages(broker):
+    proxy = Proxy(broker.port)
+    try:
+        with MQbtTOptimizer(f"mqtt://127.0.0.1:{proxy.port}", "ka", keepalive=1) as opt, \
+                MQbtTMiner(broker.uri, "ka") as miner:
+            proxy.frozen.set()          # the optimizer's link goes silent
+            wait_for(lambda: not opt.connected, 10, "the optimizer to notice (keepalive 1 s)")
+            # the broker notices after 1.5 x keepalive; the persistent session then queues
+            time.sleep(2.0)  # not synchronisation: this is the outage being simulated
+            for i in range(20):
+                miner.send_reply(Reply(num_shares=i))
+            proxy.frozen.clear()
+            proxy.cut()
+            got = [opt.receive_reply(timeout=20).num_shares for _ in range(20)]
+            assert opt.connections >= 2
+        lost, dup = figures("keepalive cut, replies queued", 20, got)
+        assert lost == 0 and dup == 0 and got == list(range(20))
+    finally:
+        proxy.close()
+
+
+def test_cli_fails_fast_when_broker_unreachable():
+    """Documented choice: every MQTT command fails fast (one line, exit 1) when the
+    first connection fails; once connected, it reconnects by itself."""
+    port = free_port()
+    for args in (["echo", "x"],):
+        r = subprocess.run([os.sys.executable, "mqbtt.py", *args, "--broker", f"mqtt://127.0.0.1:{port}"],
+                           capture_output=True, text=True, timeout=30,
+                           cwd=os.path.dirname(os.path.abspath(__file__)))
+        assert r.returncode == 1
+        assert r.stderr.count("\n") == 1 and "Connection refused" in r.stderr
+
+
+# ---------------------------------------------------------------------------
+# bad input
+# ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def fuzz_broker():
+    b = LocalBroker().start()
+    yield b
+    b.cleanup()
+
+
+@pytest.fixture(scope="module")
+def fuzz_pair(fuzz_broker):
+    opt = MQbtTOptimizer(fuzz_broker.uri, "fz")
+    miner = MQbtTMiner(fuzz_broker.uri, "fz")
+    logs = MQbtTLogReceiver(fuzz_broker.uri, "fz")
+    pub = raw_client(fuzz_broker.uri)
+    yield opt, miner, logs, pub
+    for h in (opt, miner, logs):
+        h.stop()
+    pub.disconnect()
+    pub.loop_stop()
+
+
+FUZZ_STATS = {"payloads": 0, "decode_errors": 0, "decoded": 0}
+
+
+def _check_payload(handles, sub, payload):
+    opt, miner, logs, pub = handles
+    receive, valid, expect = {
+        "esp": (opt.receive_reply, Reply(num_shares=77).to_bytes(), Reply(num_shares=77)),
+        "shr": (opt.receive_share, Share(nonce=77).to_bytes(), Share(nonce=77)),
+        "srv": (miner.receive_request, Request(nonce_size=77).to_bytes(), Request(nonce_size=77)),
+        "log": (logs.receive_log, b"valid 77", "valid 77"),
+    }[sub]
+    pub.publish(f"mqbtt/fz/{sub}", payload, 1).wait_for_publish(10)
+    pub.publish(f"mqbtt/fz/{sub}", valid, 1).wait_for_publish(10)
+    FUZZ_STATS["payloads"] += 1
+    try:
+        first = receive(timeout=10)
+        FUZZ_STATS["decoded"] += 1
+    except MQbtTDecodeError:
+        FUZZ_STATS["decode_errors"] += 1
+        first = None
+    if sub == "log":
+        assert isinstance(first, str)
+    elif first is not None:
+        # whatever decoded is a complete message that round-trips
+        assert type(first).from_bytes(first.to_bytes()) == first
+    assert receive(timeout=10) == expect          # the next valid message still arrives
+    for h in (opt, miner, logs):
+        assert h._client._thread.is_alive()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(sub=st.sampled_from(["esp", "shr", "srv", "log"]), payload=st.binary(max_size=300))
+def test_fuzz_random_payloads_hypothesis(fuzz_pair, sub, payload):
+    _check_payload(fuzz_pair, sub, payload)
+
+
+def test_fuzz_fixed_seed_corpus(fuzz_pair):
+    rnd = random.Random(20261125)
+    corpus = [b"", b"\x00" * 1000, os.urandom(0) + bytes(range(256)),
+              Share(job_id="x" * 100, prev_block=b"\xff" * 32).to_bytes()[:-3],   # truncated
+              Reply(num_shares=5).to_bytes() + b"\xff",
+              bytes(rnd.randrange(256) for _ in range(256 * 1024))]              # oversize
+    corpus += [bytes(rnd.randrange(256) for _ in range(rnd.randrange(1, 64))) for _ in range(40)]
+    for i, payload in enumerate(corpus):
+        _check_payload(fuzz_pair, ["esp", "shr", "srv", "log"][i % 4], payload)
+    print(f"\n[fuzz] payloads={FUZZ_STATS['payloads']} decoded={FUZZ_STATS['decoded']} "
+          f"decode_errors={FUZZ_STATS['decode_errors']} receiver threads alive: yes")
+
+
+def _rss_kib():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def test_undrained_flood_memory_and_optional_bound(broker):
+    n = 20000
+    payload = Share(nonce=1, prev_block=b"\x01" * 32, merkle_root=b"\x02" * 32, job_id="abc").to_bytes()
+    with MQbtTOptimizer(broker.uri, "fl") as unbounded, \
+            MQbtTOptimizer(broker.uri, "fl2", max_queue=1000) as bounded:
+        gc.collect()
+        before = _rss_kib()
+        pub = raw_client(broker.uri)
+        try:
+            for i in range(n):
+                pub.publish("mqbtt/fl/shr", payload, 0)
+                pub.publish("mqbtt/fl2/shr", payload, 0)
+            wait_for(lambda: unbounded._queues["shr"].qsize() == n, 60, "the flood to arrive")
+            wait_for(lambda: bounded._queues["shr"].qsize() + bounded.dropped["shr"] == n, 60,
+                     "the bounded flood to arrive")
+        finally:
+            pub.disconnect()
+            pub.loop_stop()
+        grown = _rss_kib() - before
+        print(f"\n[undrained flood] {n} shares of {len(payload)} B: unbounded queue holds "
+              f"{unbounded._queues['shr'].qsize()}, RSS +{grown} KiB "
+              f"(~{grown * 1024 // n} B/message); bounded (max_queue=1000) holds "
+              f"{bounded._queues['shr'].qsize()}, dropped {bounded.dropped['shr']}")
+        assert bounded._queues["shr"].qsize() == 1000 and bounded.dropped["shr"] == n - 1000
+        # the bounded receiver still works after dropping
+        got = [bounded.receive_share(timeout=5) for _ in range(1000)]
+        assert all(s.nonce == 1 for s in got)
+
+
+# ---------------------------------------------------------------------------
+# access control
+# ---------------------------------------------------------------------------
+
+@pytest.fixture
+def acl_broker(tmp_path):
+    pw = tmp_path / "passwd"
+    pw.write_text("")
+    for user, password in (("pairA", "pw-A-secret"), ("pairB", "pw-B-secret")):
+        subprocess.run(["mosquitto_passwd", "-b", str(pw), user, password], check=True)
+    os.chmod(pw, 0o644)
+    acl = tmp_path / "acl"
+    acl.write_text("pattern readwrite mqbtt/%u/#\n")
+    b = LocalBroker(anonymous=False, extra=f"password_file {pw}\nacl_file {acl}").start()
+    yield b
+    b.cleanup()
+
+
+def test_per_pair_acl_isolates_pairs(acl_broker, capfd, caplog):
+    """Each pair's credentials reach only mqbtt/<pid>/#. Mosquitto 2.0 answers a
+    subscription it will not serve with 'Granted QoS' (it filters at delivery) and
+    drops unauthorised publishes after acknowledging them: nothing crosses pairs."""
+    p = acl_broker.port
+    A = f"mqtt://pairA:pw-A-secret@127.0.0.1:{p}"
+    B = f"mqtt://pairB:pw-B-secret@127.0.0.1:{p}"
+    with MQbtTOptimizer(A, "pairA") as optA, MQbtTMiner(A, "pairA") as minerA, \
+            MQbtTOptimizer(B, "pairB") as optB, MQbtTMiner(B, "pairB") as minerB:
+        spy = MQbtTOptimizer(A, "pairB", client_id="spy")   # A's credentials on B's pair
+        try:
+            minerB.send_reply(Reply(num_shares=1))
+            assert optB.receive_reply(timeout=10) == Reply(num_shares=1)
+            with pytest.raises(Empty):
+                spy.receive_reply(timeout=1)                    # A cannot read B
+            spy.send_request(Request(timestamp_min=666))        # A cannot write B
+            optB.send_request(Request(timestamp_min=1))
+            assert minerB.receive_request(timeout=10) == Request(timestamp_min=1)
+            with pytest.raises(Empty):
+                minerB.receive_request(timeout=1)
+            optA.send_request(Request(timestamp_min=2))
+            assert minerA.receive_request(timeout=10) == Request(timestamp_min=2)
+        finally:
+            spy.stop()
+    out, err = capfd.readouterr()
+    for secret in ("pw-A-secret", "pw-B-secret"):
+        assert secret not in out + err + caplog.text
+    print("\n[acl] pair A read B: 0 messages, A wrote B: 0 delivered, own pair traffic: delivered")
+
+
+def _fake_broker_refusing_subscriptions():
+    """A minimal MQTT 3.1.1 server that accepts CONNECT and answers every
+    SUBSCRIBE with SUBACK failure codes (0x80), as brokers with subscribe-time
+    ACLs do."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(4)
+
+    def read_packet(c):
+        head = c.recv(1)
+        if not head:
+            return None, b""
+        mult, length = 1, 0
+        while True:
+            d = c.recv(1)[0]
+            length += (d & 0x7F) * mult
+            mult *= 128
+            if not d & 0x80:
+                break
+        body = b""
+        while len(body) < length:
+            chunk = c.recv(length - len(body))
+            if not chunk:
+                break
+            body += chunk
+        return head[0], body
+
+    def serve():
+        try:
+            c, _ = srv.accept()
+        except OSError:
+            return
+        with c:
+            while True:
+                kind, body = read_packet(c)
+                if kind is None:
+                    return
+                if kind >> 4 == 1:                      # CONNECT
+                    c.sendall(b"\x20\x02\x00\x00")
+                elif kind >> 4 == 8:                    # SUBSCRIBE
+                    pid = body[:2]
+                    n, i = 0, 2
+                    while i < len(body):
+                        ln = int.from_bytes(body[i:i + 2], "big")
+                        i += 2 + ln + 1
+                        n += 1
+                    c.sendall(bytes([0x90, 2 + n]) + pid + b"\x80" * n)
+                elif kind >> 4 == 14:                   # DISCONNECT
+                    return
+    threading.Thread(target=serve, daemon=True).start()
+    return srv
+
+
+def test_refused_subscription_raises():
+    srv = _fake_broker_refusing_subscriptions()
+    try:
+        with pytest.raises(MQbtTSubscribeError) as e:
+            MQbtTOptimizer(f"mqtt://127.0.0.1:{srv.getsockname()[1]}", "den", connect_timeout=5)
+        assert "mqbtt/den/esp" in str(e.value) and "refused" in str(e.value)
+    finally:
+        srv.close()
+
+
+def test_passwords_never_in_output_logs_reprs_or_errors(tmp_path, capfd, caplog):
+    import logging
+    caplog.set_level(logging.DEBUG)
+    secret = "Sup3r-S3cret-Pw"
+    pw = tmp_path / "passwd"
+    pw.write_text("")
+    subprocess.run(["mosquitto_passwd", "-b", str(pw), "u", secret], check=True)
+    os.chmod(pw, 0o644)
+    b = LocalBroker(anonymous=False, extra=f"password_file {pw}").start()
+    texts = []
+    try:
+        uri = f"mqtt://u:{secret}@127.0.0.1:{b.port}"
+        with MQbtTOptimizer(uri, "pw") as opt:
+            texts += [repr(opt), str(opt.broker), repr(opt.broker)]
+        for bad in (f"mqtt://u:{secret}x@127.0.0.1:{b.port}", f"mqtt://u:{secret}@127.0.0.1:{free_port()}",
+                    f"bogus://u:{secret}@h", f"mqtt://u:{secret}@h:99999"):
+            with pytest.raises((MQbtTConnectionError, ValueError)) as e:
+                MQbtTOptimizer(bad, "pw", connect_timeout=3)
+            texts.append(str(e.value))
+        r = subprocess.run([os.sys.executable, "mqbtt.py", "echo", "--broker",
+                            f"mqtt://u:{secret}x@127.0.0.1:{b.port}", "pw"], capture_output=True,
+                           text=True, timeout=30, cwd=os.path.dirname(os.path.abspath(__file__)))
+        texts += [r.stdout, r.stderr]
+        assert r.returncode == 1
+    finally:
+        b.cleanup()
+    out, err = capfd.readouterr()
+    texts += [out, err, caplog.text]
+    leaks = [t for t in texts if secret in t]
+    assert not leaks
+    print(f"\n[secrets] {len(texts)} captured texts searched, 0 contain the password")
