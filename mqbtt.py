@@ -55,6 +55,14 @@ __all__ = [
     "MQbtTError", "MQbtTDecodeError", "MQbtTConnectionError",
     "MQbtTSubscribeError", "MQbtTSendError", "MQbtTSendTimeout",
     "APIException",
+    # external services (AxeOS, OpenObserve)
+    "pid2url", "axeos_info", "axeos_restart", "o2_history", "restart", "wslog",
+    "config_path", "HTTP_TIMEOUT", "AXEOS_PRIVATE_NETWORKS",
+    # recording and analysis
+    "MQbtTRecord", "MQbtTDataBase", "MQbtTDatabase", "Recorder", "record",
+    "recorder_client_id", "dump", "format_dump", "replay", "request_reply_pairs",
+    # distribution: zipapp, symlinks and upgrade
+    "upgrade", "install_links", "link_names", "run_script", "running_zipapp", "UPGRADE_URL",
     "main",
 ]
 
@@ -136,24 +144,21 @@ _DESCRIPTOR = (
     "SEVMTE8QABIKCgZSRVNVTFQQARIJCgVSRVNFVBACEgcKA0JZRRADYgZwcm90bzM="
 )
 
-_pb_classes = None
+_PB = {}
 
 
 def _pb():
     """The protobuf message classes (``Request``, ``Reply``, ``Share``), built
     on first use from :data:`_DESCRIPTOR` (protobuf is imported lazily)."""
-    global _pb_classes
-    if _pb_classes is None:
+    if not _PB:
         import base64
         from google.protobuf import descriptor_pool, message_factory
         pool = descriptor_pool.DescriptorPool()
         pool.AddSerializedFile(base64.b64decode(_DESCRIPTOR))
         fd = pool.FindFileByName("mqbtt.proto")
-        _pb_classes = {
-            name: message_factory.GetMessageClass(fd.message_types_by_name[name])
-            for name in ("Request", "Reply", "Share")
-        }
-    return _pb_classes
+        for name in ("Request", "Reply", "Share"):
+            _PB[name] = message_factory.GetMessageClass(fd.message_types_by_name[name])
+    return _PB
 
 
 def _decode_error(cls, b, err):
@@ -169,21 +174,23 @@ def _decode_error(cls, b, err):
 
 def _parse(cls, b):
     """Parse *b* with the protobuf class of *cls*, or raise MQbtTDecodeError."""
-    if not isinstance(b, (bytes, bytearray, memoryview)):
-        raise MQbtTDecodeError(f"cannot decode {cls.__name__} from {type(b).__name__}: bytes expected")
-    m = _pb()[cls.__name__]()
     try:
-        m.ParseFromString(b)
-    except Exception as err:  # google.protobuf.message.DecodeError, RuntimeWarning, ...
+        return (_PB.get(cls.__name__) or _pb()[cls.__name__]).FromString(b)
+    except Exception as err:  # google.protobuf.message.DecodeError, TypeError, ...
+        if not isinstance(b, (bytes, bytearray, memoryview)):
+            raise MQbtTDecodeError(
+                f"cannot decode {cls.__name__} from {type(b).__name__}: bytes expected") from None
         raise _decode_error(cls, b, err) from None
-    return m
 
 
 def _serialize(self, pbname, **fields):
     try:
-        return _pb()[pbname](**fields).SerializeToString()
+        return (_PB.get(pbname) or _pb()[pbname])(**fields).SerializeToString()
     except (ValueError, TypeError) as err:
         raise ValueError(f"cannot serialize {self!r}: {err}") from None
+
+
+_new = object.__new__
 
 
 class Kind(enum.IntEnum):
@@ -309,27 +316,61 @@ class Share:
 
         :returns: The serialized protobuf representation of the share.
         :raises ValueError: if a field is out of range or of the wrong type."""
-        return _serialize(self, "Share", version=self.version, prev_block=self.prev_block,
-                          merkle_root=self.merkle_root, time=self.time,
-                          pool_time=self.pool_time, bits=self.bits, nonce=self.nonce,
-                          pool_diff=self.pool_diff, job_id=self.job_id,
-                          extranonce2=self.extranonce2, diff=self.diff, zeroes=self.zeroes)
+        msg = self.__dict__.get("_pbmsg")
+        if msg is not None:          # made by from_bytes: immutable, re-serialize as is
+            return msg.SerializeToString()
+        try:
+            return (_PB.get("Share") or _pb()["Share"])(
+                version=self.version, prev_block=self.prev_block, merkle_root=self.merkle_root,
+                time=self.time, pool_time=self.pool_time, bits=self.bits, nonce=self.nonce,
+                pool_diff=self.pool_diff, job_id=self.job_id, extranonce2=self.extranonce2,
+                diff=self.diff, zeroes=self.zeroes).SerializeToString()
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"cannot serialize {self!r}: {err}") from None
 
     @classmethod
     def from_bytes(cls, b: bytes) -> "Share":
         """Deserialize bytes into a Share object.
 
+        The bytes are parsed (and validated) at once; each field is converted
+        to a Python value the first time it is read, so that receiving a share
+        costs little more than protobuf's own parsing.
+
         :param b: The bytes to deserialize.
         :returns: The deserialized Share object.
         :raises MQbtTDecodeError: if *b* is not a serialized Share."""
-        m = _parse(cls, b)
-        obj = object.__new__(cls)
-        obj.__dict__.update(
-            version=m.version, prev_block=m.prev_block, merkle_root=m.merkle_root,
-            time=m.time, pool_time=m.pool_time, bits=m.bits, nonce=m.nonce,
-            pool_diff=m.pool_diff, job_id=m.job_id, extranonce2=m.extranonce2,
-            diff=m.diff, zeroes=m.zeroes)
+        try:  # _parse() inlined: this is the hot path of a share flood
+            msg = (_PB.get("Share") or _pb()["Share"]).FromString(b)
+        except Exception:
+            _parse(cls, b)  # raises the MQbtTDecodeError
+            raise
+        obj = _new(cls)
+        obj.__dict__["_pbmsg"] = msg
         return obj
+
+    def __getattr__(self, name):
+        # only called for attributes not in __dict__: the not-yet-read fields
+        # of a Share made by from_bytes
+        msg = self.__dict__.get("_pbmsg")
+        if msg is None or name not in _SHARE_FIELDS:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        value = getattr(msg, name)
+        self.__dict__[name] = value
+        return value
+
+    def __getstate__(self):
+        return {f: getattr(self, f) for f in _SHARE_FIELDS}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+
+
+_SHARE_FIELDS = frozenset(f.name for f in dataclasses.fields(Share))
+# The generated __init__ keeps the defaults; the class attributes holding them
+# would hide the lazily-read fields from __getattr__.
+for _name in _SHARE_FIELDS:
+    delattr(Share, _name)
+del _name
 
 
 def _log_from_bytes(b: bytes) -> str:
@@ -1060,21 +1101,1651 @@ def run_echo(broker_uri: str, pair_id: str, out=None, count: int | None = None, 
 # Recording: SQLite database, recorder, dump and replay #######################
 ###############################################################################
 
-# (issue 4: MQbtTRecord, MQbtTDataBase / MQbtTDatabase, record, dump, replay)
+#: the columns of the ``messages`` table, in the documented order
+_SCHEMA = """CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    timestamp REAL NOT NULL,
+    pair_id TEXT NOT NULL,
+    subtopic TEXT NOT NULL CHECK (subtopic IN ('esp', 'log', 'shr', 'srv')),
+    message BLOB NOT NULL
+)"""
+
+#: the indices the queries of :class:`MQbtTDataBase` need
+_INDICES = (
+    "CREATE INDEX IF NOT EXISTS messages_timestamp ON messages (timestamp)",
+    "CREATE INDEX IF NOT EXISTS messages_pair_timestamp ON messages (pair_id, timestamp)",
+    "CREATE INDEX IF NOT EXISTS messages_pair_subtopic_timestamp "
+    "ON messages (pair_id, subtopic, timestamp)",
+)
+
+
+def _utc(ts: float):
+    import datetime
+    return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc)
+
+
+def _epoch(value, name="timestamp") -> float:
+    """Seconds since the epoch of a datetime (naive = local time, as
+    :meth:`datetime.datetime.timestamp` does) or of a number."""
+    import datetime
+    if isinstance(value, datetime.datetime):
+        return value.timestamp()
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    raise TypeError(f"{name} must be a datetime or seconds since the epoch, not {type(value).__name__}")
+
+
+def _try_decode(subtopic, payload):
+    try:
+        return decode(subtopic, payload)
+    except Exception:  # a bad row must never stop an iteration
+        return None
+
+
+@dataclass(frozen=True, kw_only=True)
+class MQbtTRecord:
+    """A (deserialized) record from a :class:`MQbtTDataBase`.
+
+    :param id: The ID of the message in the database (None for a record not
+      stored yet; :meth:`MQbtTDataBase.insert` ignores it).
+    :param pair_id: The pair_id of the message.
+    :param subtopic: The subtopic of the message (``esp``, ``log``, ``shr``, ``srv``).
+    :param timestamp: The timestamp of the message recording: a timezone-aware
+      UTC datetime (a naive datetime given here is taken as local time, a
+      number as seconds since the epoch).
+    :param payload: The raw message payload (bytes, exactly as received).
+
+    ``message`` is not a parameter: it is computed from *payload* — the
+    deserialized message payload (:class:`Request` for ``srv``, :class:`Reply`
+    for ``esp``, :class:`Share` for ``shr``, ``str`` for ``log``), or None when
+    the bytes do not decode.  Building a record never raises because of a bad
+    payload.
+    """
+    id: int | None = None
+    pair_id: str
+    subtopic: str
+    timestamp: "datetime.datetime"
+    payload: bytes
+    message: object = dataclasses.field(init=False, default=None, compare=False)
+
+    def __post_init__(self):
+        import datetime
+        ts = self.timestamp
+        if not isinstance(ts, datetime.datetime) or ts.tzinfo is None \
+                or ts.utcoffset() != datetime.timedelta(0):
+            object.__setattr__(self, "timestamp", _utc(_epoch(ts)))
+        if isinstance(self.payload, (bytearray, memoryview)):
+            object.__setattr__(self, "payload", bytes(self.payload))
+        object.__setattr__(self, "message", _try_decode(self.subtopic, self.payload))
+
+
+class MQbtTDataBase:
+    """A SQLite database for MQbtT messages.
+
+    The file is created if needed, with exactly the documented table::
+
+        TABLE messages (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            timestamp REAL NOT NULL,
+            pair_id TEXT NOT NULL,
+            subtopic TEXT NOT NULL CHECK (subtopic IN ('esp', 'log', 'shr', 'srv')),
+            message BLOB NOT NULL
+        );
+
+    plus indices on ``(timestamp)``, ``(pair_id, timestamp)`` and
+    ``(pair_id, subtopic, timestamp)``.  The database is put in WAL mode with a
+    30 s busy timeout, so a notebook can read it while ``mqbtt record`` writes
+    it.
+
+    :param path: the database file.
+    :param batch_size: :meth:`insert` commits after this many records...
+    :param batch_timeout: ...or when the oldest uncommitted record is this many
+      seconds old, whichever comes first (a timer commits even if no further
+      record is inserted).  :meth:`close` commits what is left.
+
+    Timestamps are stored as UTC seconds since the epoch and returned as
+    timezone-aware UTC datetimes.  Datetimes given as filters may be aware
+    (any zone) or naive: **a naive datetime is local time**, as for
+    :meth:`datetime.datetime.timestamp` (so ``datetime.now()`` works as
+    expected); numbers are seconds since the epoch.
+
+    Use it as a context manager, or call :meth:`close` when done.  The
+    documentation also spells it ``MQbtTDatabase``: both names work.
+    """
+
+    def __init__(self, path: str, batch_size: int = 100, batch_timeout: float = 10.0):
+        import sqlite3
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, not {batch_size!r}")
+        if not isinstance(batch_timeout, (int, float)) or batch_timeout < 0:
+            raise ValueError(f"batch_timeout must be a non-negative number, not {batch_timeout!r}")
+        self.path = os.fspath(path)
+        self.batch_size = batch_size
+        self.batch_timeout = float(batch_timeout)
+        self._lock = threading.RLock()
+        self._pending = 0          # rows inserted since the last commit
+        self._pending_since = 0.0  # monotonic time of the first of them
+        self._timer = None
+        self._conn = None
+        try:
+            conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None,
+                                   check_same_thread=False)
+        except sqlite3.Error as err:
+            raise MQbtTError(f"cannot open the database {self.path!r}: {err}") from None
+        try:
+            conn.execute("PRAGMA busy_timeout = 30000")
+            conn.execute("PRAGMA journal_mode = WAL")
+            # FULL: a commit survives a power cut too, because the recorder
+            # acknowledges messages to the broker only after it
+            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute(_SCHEMA)
+            for sql in _INDICES:
+                conn.execute(sql)
+        except sqlite3.Error as err:
+            conn.close()
+            raise MQbtTError(f"cannot use the database {self.path!r}: {err}") from None
+        self._conn = conn
+
+    # -- writing ----------------------------------------------------------------
+    def insert(self, record: MQbtTRecord) -> int:
+        """Insert a mqtt record into the database with batched commits.
+
+        The record's ``id`` is ignored: the database assigns it.
+
+        :returns: the id of the new row.
+        :raises ValueError: for an unknown subtopic or a payload that is not bytes."""
+        if record.subtopic not in SUBTOPICS:
+            raise ValueError(f"unknown subtopic {record.subtopic!r} (expected one of esp, log, shr, srv)")
+        if not isinstance(record.payload, bytes):
+            raise ValueError(f"payload must be bytes, not {type(record.payload).__name__}")
+        return self._insert(record.timestamp.timestamp(), record.pair_id, record.subtopic,
+                            record.payload)
+
+    def _insert(self, ts: float, pair_id: str, subtopic: str, payload: bytes, *, autocommit=True) -> int:
+        with self._lock:
+            self._check_open()
+            if self._pending == 0:
+                self._conn.execute("BEGIN")
+                self._pending_since = time.monotonic()
+            cur = self._conn.execute(
+                "INSERT INTO messages (timestamp, pair_id, subtopic, message) VALUES (?, ?, ?, ?)",
+                (ts, pair_id, subtopic, payload))
+            self._pending += 1
+            if autocommit:
+                if (self._pending >= self.batch_size
+                        or time.monotonic() - self._pending_since >= self.batch_timeout):
+                    self.commit()
+                elif self._timer is None:
+                    self._timer = threading.Timer(self.batch_timeout, self._timed_commit)
+                    self._timer.daemon = True
+                    self._timer.start()
+            return cur.lastrowid
+
+    def _timed_commit(self):
+        with self._lock:
+            self._timer = None
+            if self._conn is not None and self._pending:
+                try:
+                    self.commit()
+                except Exception as err:  # pragma: no cover - disk full, ...
+                    log.error("mqbtt: cannot commit to %s: %s", self.path, err)
+
+    def commit(self) -> int:
+        """Commit the records inserted so far now (without waiting for the
+        batch to fill); return how many were committed."""
+        with self._lock:
+            self._check_open()
+            n = self._pending
+            if n:
+                self._conn.execute("COMMIT")
+                self._pending = 0
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            return n
+
+    # -- reading ----------------------------------------------------------------
+    def records(self, pair_id: str | None = None, subtopic: str | None = None,
+                min_timestamp=None, max_timestamp=None, desc: bool = False):
+        """Query the database for messages, auto-deserializing the message payload.
+
+        :param pair_id: The pair_id to filter by.
+        :param subtopic: The subtopic to filter by.
+        :param min_timestamp: The minimum timestamp to filter by (inclusive).
+        :param max_timestamp: The maximum timestamp to filter by (inclusive).
+        :param desc: Whether to order the results in descending timestamp order.
+        :returns: a generator of :class:`MQbtTRecord`, ordered by timestamp
+          (then id).  The query runs on first iteration and rows are fetched
+          in chunks, so memory stays flat on any database size.  A row whose
+          payload does not decode yields a record with ``message`` None.
+        """
+        return self._select(pair_id, subtopic, min_timestamp, max_timestamp, None, desc)
+
+    def logs(self, pair_id: str | None = None, min_timestamp=None, max_timestamp=None,
+             text: str | None = None, desc: bool = False):
+        """Query the database for log messages, auto-deserializing the message payload.
+
+        :param pair_id: The pair_id to filter by.
+        :param min_timestamp: The minimum timestamp to filter by (inclusive).
+        :param max_timestamp: The maximum timestamp to filter by (inclusive).
+        :param text: Optional text to filter log messages by: a plain,
+          case-sensitive substring (quotes, ``%`` and ``_`` are ordinary characters).
+        :param desc: Whether to order the results in descending timestamp order.
+        :returns: a generator of :class:`MQbtTRecord` (``message`` is the log
+          line as ``str``); same streaming behaviour as :meth:`records`.
+        """
+        return self._select(pair_id, "log", min_timestamp, max_timestamp, text, desc)
+
+    def _select(self, pair_id, subtopic, min_timestamp, max_timestamp, text, desc):
+        where, params = [], []
+        if pair_id is not None:
+            where.append("pair_id = ?")
+            params.append(pair_id)
+        if subtopic is not None:
+            if subtopic not in SUBTOPICS:
+                raise ValueError(f"unknown subtopic {subtopic!r} (expected one of esp, log, shr, srv)")
+            where.append("subtopic = ?")
+            params.append(subtopic)
+        if min_timestamp is not None:
+            where.append("timestamp >= ?")
+            params.append(_epoch(min_timestamp, "min_timestamp"))
+        if max_timestamp is not None:
+            where.append("timestamp <= ?")
+            params.append(_epoch(max_timestamp, "max_timestamp"))
+        if text is not None:
+            # instr() on two BLOBs compares bytes: no LIKE wildcards, no escaping
+            where.append("instr(message, ?) > 0")
+            params.append(str(text).encode("utf-8"))
+        sql = "SELECT id, timestamp, pair_id, subtopic, message FROM messages"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY timestamp DESC, id DESC" if desc else " ORDER BY timestamp, id"
+        self._check_open()
+        return self._rows(sql, params)
+
+    def _rows(self, sql, params):
+        with self._lock:
+            cur = self._conn.execute(sql, params)
+        try:
+            while True:
+                with self._lock:
+                    rows = cur.fetchmany(1000)
+                if not rows:
+                    return
+                for rid, ts, pid, sub, payload in rows:
+                    if not isinstance(payload, bytes):  # a row written as TEXT by another tool
+                        payload = payload.encode("utf-8") if isinstance(payload, str) else bytes(payload or b"")
+                    yield MQbtTRecord(id=rid, pair_id=pid, subtopic=sub, timestamp=_utc(ts),
+                                      payload=payload)
+        finally:
+            cur.close()
+
+    def count(self, pair_id: str | None = None, subtopic: str | None = None) -> int:
+        """The number of stored messages (optionally of one pair and/or subtopic)."""
+        where, params = [], []
+        if pair_id is not None:
+            where.append("pair_id = ?")
+            params.append(pair_id)
+        if subtopic is not None:
+            where.append("subtopic = ?")
+            params.append(subtopic)
+        sql = "SELECT count(*) FROM messages" + (" WHERE " + " AND ".join(where) if where else "")
+        with self._lock:
+            self._check_open()
+            return self._conn.execute(sql, params).fetchone()[0]
+
+    def pair_ids(self) -> list:
+        """The distinct pair ids in the database, sorted."""
+        with self._lock:
+            self._check_open()
+            return [r[0] for r in self._conn.execute(
+                "SELECT DISTINCT pair_id FROM messages ORDER BY pair_id")]
+
+    # -- life cycle -------------------------------------------------------------
+    def _check_open(self):
+        if self._conn is None:
+            raise MQbtTError(f"the database {self.path!r} is closed")
+
+    def close(self):
+        """Close the database connection (committing pending records first).
+        Calling it twice is harmless."""
+        with self._lock:
+            if self._conn is None:
+                return
+            try:
+                self.commit()
+            finally:
+                self._conn.close()
+                self._conn = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        return f"<MQbtTDataBase {self.path!r}{'' if self._conn else ' closed'}>"
+
+
+#: the spelling used in part of the documentation
+MQbtTDatabase = MQbtTDataBase
+
+
+def request_reply_pairs(records):
+    """Match each request of a pair with its reply, for latency analysis.
+
+    *records* is an iterable of :class:`MQbtTRecord` of one pair in time order
+    (e.g. ``db.records(pair_id=...)``); other subtopics are ignored.  A
+    ``srv`` request is answered by the next ``esp`` reply; a request followed
+    by another request before any reply is unanswered.
+
+    :returns: a generator of ``(request_record, reply_record, latency_seconds)``,
+      with ``reply_record`` and ``latency_seconds`` None for unanswered requests.
+    """
+    pending = None
+    for r in records:
+        if r.subtopic == "srv":
+            if pending is not None:
+                yield pending, None, None
+            pending = r
+        elif r.subtopic == "esp" and pending is not None:
+            yield pending, r, (r.timestamp - pending.timestamp).total_seconds()
+            pending = None
+    if pending is not None:
+        yield pending, None, None
+
+
+def _parse_topic(t: str):
+    """(pair_id, subtopic) of ``mqbtt/<pair_id>/<subtopic>``, or None."""
+    parts = t.split("/")
+    if len(parts) != 3 or parts[0] != "mqbtt" or not parts[1] or parts[2] not in SUBTOPICS:
+        return None
+    return parts[1], parts[2]
+
+
+def parse_subtopics(text) -> list:
+    """The subtopics of a comma-separated list such as ``"log,shr"`` (or of
+    an iterable); raise ValueError for an unknown one."""
+    if text is None:
+        return []
+    items = text.split(",") if isinstance(text, str) else list(text)
+    out = []
+    for item in items:
+        s = str(item).strip().lower()
+        if not s:
+            continue
+        if s not in SUBTOPICS:
+            raise ValueError(f"unknown subtopic {s!r} (expected some of esp, log, shr, srv)")
+        if s not in out:
+            out.append(s)
+    return out
+
+
+def recorder_client_id(broker_uri: str, db_path: str) -> str:
+    """The client id ``mqbtt record`` uses: ``mqbtt-rec-`` plus a hash of this
+    host and user, the broker and the absolute database path — the same when
+    the same recorder is restarted, different for recorders writing
+    different databases."""
+    import hashlib
+    key = f"{_host_tag()}|{BrokerURI.parse(broker_uri)}|{os.path.realpath(os.fspath(db_path))}"
+    return "mqbtt-rec-" + hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
+
+
+class _Connection:
+    """A paho client connected once (synchronously, so that failures are
+    reported with their cause), then kept connected by paho's loop thread,
+    re-subscribing to *subscriptions* on every CONNACK."""
+
+    def __init__(self, broker: BrokerURI, client_id: str, clean_session: bool,
+                 subscriptions: list, on_message, keepalive=60, notify=None, **kwargs):
+        self.broker = broker
+        self.notify = notify or log.warning
+        self.stopping = False
+        self.client_id = client_id
+        self.subscriptions = subscriptions
+        self.cond = threading.Condition()
+        self.generation = 0       # number of CONNACKs so far
+        self.connected = False
+        self.subscribed = False
+        self.error = None
+        self.client = c = _paho_client(broker, client_id, clean_session, **kwargs)
+        c.on_connect = self._on_connect
+        c.on_subscribe = self._on_subscribe
+        c.on_disconnect = self._on_disconnect
+        c.on_message = on_message
+        self.keepalive = keepalive
+
+    def start(self, timeout=10.0):
+        c = self.client
+        try:
+            c.connect(self.broker.host, self.broker.port, self.keepalive)
+        except Exception as err:  # OSError, ssl.SSLError, websocket errors, ValueError
+            raise MQbtTConnectionError(f"cannot connect to {self.broker}: {_describe(err)}") from None
+        c.loop_start()
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while not (self.subscribed or self.error):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self.cond.wait(min(left, 0.25))
+            err = self.error
+            ok = self.subscribed and err is None
+        if not ok:
+            self.stop()
+            raise err or MQbtTConnectionError(
+                f"cannot connect to {self.broker}: no answer within {timeout:g} s")
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties):
+        if reason_code.is_failure:
+            with self.cond:
+                self.error = MQbtTConnectionError(
+                    f"broker {self.broker} refused the connection of client id "
+                    f"{self.client_id!r}: {reason_code}")
+                self.cond.notify_all()
+            client.disconnect()
+            return
+        with self.cond:
+            self.generation += 1
+            self.connected = True
+            self.cond.notify_all()
+        if self.generation > 1:
+            self.notify(f"reconnected to {self.broker} (session present: {flags.session_present})")
+        if self.subscriptions:
+            client.subscribe(self.subscriptions)
+        else:
+            self._on_subscribe(client, userdata, 0, [], None)
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties):
+        bad = [(t, rc) for (t, _), rc in zip(self.subscriptions, reason_codes) if rc.is_failure]
+        with self.cond:
+            if bad:
+                self.error = MQbtTSubscribeError(
+                    f"broker {self.broker} refused subscription(s) "
+                    + ", ".join(f"{t} ({rc})" for t, rc in bad))
+            self.subscribed = True
+            self.cond.notify_all()
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties):
+        with self.cond:
+            was = self.connected
+            self.connected = False
+        if was and not self.stopping:
+            self.notify(f"disconnected from {self.broker} ({reason_code}); reconnecting")
+
+    def stop(self):
+        self.stopping = True
+        try:
+            self.client.disconnect()
+        except Exception:  # pragma: no cover
+            pass
+        self.client.loop_stop()
+
+
+class Recorder:
+    """Record the traffic of every pair (``mqbtt/+/<subtopic>``) into a
+    :class:`MQbtTDataBase`, losing no QoS>=1 message even on ``kill -9``.
+
+    The recorder acknowledges a message to the broker only after the SQLite
+    commit that stores it (paho-mqtt ``manual_ack``, acknowledgements in
+    arrival order), in a persistent session (``clean_session=False``) whose
+    client id stays the same across restarts (:func:`recorder_client_id`):
+    whatever was received but not committed when the process died is
+    redelivered by the broker when the same recorder starts again.  It
+    subscribes at QoS 1 on every subtopic — also on ``srv``/``esp``, which are
+    published at QoS 2: at QoS 2 paho answers PUBREC before the application
+    sees the message, and after PUBREC the broker never resends it, so a kill
+    in between would lose it.
+
+    It commits as soon as the stream pauses or *window* unacknowledged
+    messages are held (Mosquitto sends at most ``max_inflight_messages``, 20
+    by default, unacknowledged messages, then waits); *batch_size* and
+    *batch_timeout* remain upper bounds.  The paho network thread only
+    enqueues; SQLite work happens in the thread that calls :meth:`run`.
+
+    :param broker_uri: the broker (see :class:`BrokerURI`).
+    :param db_path: the SQLite database (created if needed).
+    :param exclude: subtopics not to record (list, or ``"log,shr"``).
+    :param client_id: the MQTT client id (default :func:`recorder_client_id`).
+    :param status: a text stream for progress (None: silent).  On a terminal,
+      a live status line; otherwise one summary line every *status_interval* s.
+    """
+
+    def __init__(self, broker_uri: str, db_path: str, exclude=(), client_id: str | None = None, *,
+                 batch_size: int = 100, batch_timeout: float = 10.0, window: int = 20,
+                 keepalive: int = 60, connect_timeout: float = 10.0, status=None,
+                 status_interval: float = 60.0):
+        self.broker = BrokerURI.parse(broker_uri if broker_uri is not None else default_broker())
+        excluded = parse_subtopics(exclude)
+        self.subtopics = [s for s in SUBTOPICS if s not in excluded]
+        if not self.subtopics:
+            raise ValueError("every subtopic is excluded: nothing to record")
+        if not isinstance(window, int) or window < 1:
+            raise ValueError(f"window must be a positive integer, not {window!r}")
+        self.db_path = os.fspath(db_path)
+        self.client_id = client_id or recorder_client_id(str(self.broker), self.db_path)
+        self.batch_size = batch_size
+        self.batch_timeout = batch_timeout
+        self.window = window
+        self.keepalive = keepalive
+        self.connect_timeout = connect_timeout
+        self.status = status
+        self.status_interval = status_interval
+        #: messages stored, per subtopic
+        self.counts = {s: 0 for s in self.subtopics}
+        #: number of commits so far
+        self.commits = 0
+        self._queue = queue.SimpleQueue()
+        self._stopping = False
+        self._conn = None
+        self._db = MQbtTDataBase(self.db_path, batch_size, batch_timeout)
+
+    @property
+    def total(self) -> int:
+        """Messages stored so far."""
+        return sum(self.counts.values())
+
+    def _on_message(self, client, userdata, msg):
+        # network thread: enqueue only (never raises, never blocks)
+        if self._stopping:
+            return  # left unacknowledged: the broker keeps it for the next run
+        self._queue.put((self._conn.generation, msg.mid, msg.qos, msg.topic, msg.payload, time.time()))
+
+    def stop(self):
+        """Ask :meth:`run` to commit what it received and return (safe from a
+        signal handler or another thread)."""
+        self._stopping = True
+
+    def run(self):
+        """Connect, record until :meth:`stop` is called, commit, disconnect.
+
+        :returns: the number of messages stored.
+        :raises MQbtTConnectionError: if the first connection fails.
+        :raises MQbtTError: if the database cannot be written (nothing
+          uncommitted is acknowledged, so the broker keeps it)."""
+        subs = [(f"mqbtt/+/{s}", min(SUBTOPICS[s], 1)) for s in self.subtopics]
+        self._conn = _Connection(self.broker, self.client_id, False, subs, self._on_message,
+                                 self.keepalive, notify=self._say, manual_ack=True)
+        try:
+            self._conn.start(self.connect_timeout)
+            self._say(f"recording {', '.join('mqbtt/+/' + s for s in self.subtopics)} "
+                      f"from {self.broker} into {self.db_path} (client id {self.client_id})",
+                      line=True)
+            self._loop()
+        except BaseException:
+            self._conn.stop()
+            self._close_db()
+            raise
+        self._conn.stop()
+        self._close_db()
+        self._say(f"stopped: {self.total} messages recorded ({self._per_subtopic()})", line=True)
+        return self.total
+
+    def _close_db(self):
+        try:
+            self._db.close()
+        except Exception as err:
+            log.error("cannot close %s: %s", self.db_path, err)
+
+    def _loop(self):
+        tty = bool(self.status) and hasattr(self.status, "isatty") and self.status.isatty()
+        interval = 0.5 if tty else self.status_interval
+        last_status = time.monotonic()
+        last_total = 0
+        while not self._stopping:
+            try:
+                first = self._queue.get(timeout=0.2)
+            except Empty:
+                first = None
+            if first is not None:
+                self._store(first)
+            now = time.monotonic()
+            if self.status and now - last_status >= interval:
+                rate = (self.total - last_total) / (now - last_status)
+                last_status, last_total = now, self.total
+                state = "" if self._conn.connected else " [disconnected]"
+                self._say(f"{self.total} messages recorded, {rate:.1f}/s "
+                          f"({self._per_subtopic()}){state}", line=not tty)
+        # stop requested: on_message no longer enqueues; store what is queued
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except Empty:
+                break
+            self._store(item)
+        if tty:
+            self.status.write("\n")
+
+    def _store(self, first):
+        """Store *first* and whatever else is queued (up to the bounds),
+        commit, then acknowledge in arrival order."""
+        batch = [first]
+        unacked = 1 if first[2] > 0 else 0
+        started = time.monotonic()
+        while (len(batch) < self.batch_size and unacked < self.window
+               and time.monotonic() - started < self.batch_timeout):
+            try:
+                item = self._queue.get_nowait()
+            except Empty:
+                break  # the stream paused
+            batch.append(item)
+            if item[2] > 0:
+                unacked += 1
+        import sqlite3
+        stored = []
+        try:
+            for gen, mid, qos, t, payload, ts in batch:
+                where = _parse_topic(t)
+                if where is not None and where[1] in self.counts:
+                    self._db._insert(ts, where[0], where[1], payload, autocommit=False)
+                    stored.append(where[1])
+            self._db.commit()
+        except sqlite3.Error as err:
+            raise MQbtTError(f"cannot write to the database {self.db_path!r}: {err}") from None
+        self.commits += 1
+        for sub in stored:
+            self.counts[sub] += 1
+        client, gen_now = self._conn.client, self._conn.generation
+        for gen, mid, qos, t, payload, ts in batch:
+            # an ack belongs to the connection the message came on: after a
+            # reconnect the broker redelivers it anyway (stored twice, not lost)
+            if qos > 0 and gen == gen_now:
+                client.ack(mid, qos)
+
+    def _per_subtopic(self):
+        return " ".join(f"{s}={n}" for s, n in self.counts.items())
+
+    def _say(self, text, line=True):
+        if not self.status:
+            return
+        try:
+            if line:
+                self.status.write(f"mqbtt record: {text}\n")
+            else:
+                self.status.write(f"\r\x1b[Kmqbtt record: {text}")
+            self.status.flush()
+        except (OSError, ValueError):
+            pass
+
+
+def record(broker_uri: str, db_path: str, exclude=(), client_id: str | None = None, **kwargs) -> int:
+    """Record the traffic of every pair into *db_path* until SIGINT or SIGTERM
+    (then commit everything received and return the number of messages stored).
+
+    A thin wrapper over :class:`Recorder` (same parameters) that installs the
+    signal handlers when called from the main thread."""
+    import signal
+    rec = Recorder(broker_uri, db_path, exclude, client_id, **kwargs)
+    old = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            old[sig] = signal.signal(sig, lambda signum, frame: rec.stop())
+    try:
+        return rec.run()
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+#: what each ``mqbtt dump --mode`` receives
+DUMP_MODES = {"log": ["log"], "miner": ["srv"], "optimizer": ["esp", "shr"]}
+
+
+def _jsonable(message):
+    if dataclasses.is_dataclass(message):
+        out = {}
+        for f in dataclasses.fields(message):
+            v = getattr(message, f.name)
+            if isinstance(v, enum.Enum):
+                v = v.name
+            elif isinstance(v, bytes):
+                v = v.hex()
+            out[f.name] = v
+        return out
+    return message
+
+
+def format_dump(ts: float, subtopic: str, payload: bytes, rtt: float | None = None,
+                as_json: bool = False, pair_id: str | None = None) -> str:
+    """One ``mqbtt dump`` output line (without newline) for a message
+    received at *ts* (seconds since the epoch)."""
+    import datetime
+    when = datetime.datetime.fromtimestamp(ts).astimezone()
+    try:
+        message = decode(subtopic, payload)
+        err = None
+    except Exception as e:
+        message, err = None, str(e)
+    if as_json:
+        import json
+        obj = {"time": when.isoformat(timespec="milliseconds"), "timestamp": ts}
+        if pair_id is not None:
+            obj["pair_id"] = pair_id
+        obj["subtopic"] = subtopic
+        obj["type"] = None if message is None else (
+            "log" if subtopic == "log" else type(message).__name__)
+        obj["message"] = _jsonable(message)
+        obj["payload"] = bytes(payload).hex()
+        if err is not None:
+            obj["error"] = err
+        if rtt is not None:
+            obj["rtt"] = rtt
+        return json.dumps(obj, ensure_ascii=False)
+    stamp = when.strftime("%Y-%m-%d %H:%M:%S.") + f"{when.microsecond // 1000:03d}" + when.strftime("%z")
+    if message is None:
+        text = f"undecodable {len(payload)} bytes: {bytes(payload).hex()}"
+    elif subtopic == "log":
+        text = message
+    else:
+        text = repr(message)
+    if rtt is not None:
+        text += f"  rtt={rtt * 1000:.1f} ms"
+    return f"{stamp} {subtopic} {text}"
+
+
+def dump(broker_uri: str, pair_id: str, mode: str, out=None, as_json: bool = False,
+         count: int | None = None, keepalive: int = 60, connect_timeout: float = 10.0,
+         ready=None) -> int:
+    """Print what a role of a pair would receive, one line per message,
+    flushed after every line (see :func:`format_dump`).
+
+    *mode* ``log`` receives ``log``, ``miner`` receives ``srv``,
+    ``optimizer`` receives ``esp`` and ``shr``; in optimizer mode dump also
+    listens to ``srv`` (without printing it) to show each reply's round-trip
+    time from the latest unanswered request.  It uses a random client id and
+    a clean session, so it never kicks the real optimizer or miner off the
+    broker and leaves nothing behind.  Returns after *count* messages (never
+    if None) with the number printed; *ready* (a callable) is called once
+    subscribed.
+    """
+    if mode not in DUMP_MODES:
+        raise ValueError(f"unknown mode {mode!r} (expected log, miner or optimizer)")
+    check_pair_id(pair_id)
+    out = out or sys.stdout
+    broker = BrokerURI.parse(broker_uri if broker_uri is not None else default_broker())
+    shown = DUMP_MODES[mode]
+    listen = shown + (["srv"] if mode == "optimizer" else [])
+    subs = [(topic(pair_id, s), SUBTOPICS[s]) for s in listen]
+    q = queue.SimpleQueue()
+
+    def on_message(client, userdata, msg):
+        q.put((time.time(), msg.topic, msg.payload))
+
+    conn = _Connection(broker, f"mqbtt-dump-{os.urandom(6).hex()}", True, subs, on_message, keepalive)
+    conn.start(connect_timeout)
+    n = 0
+    pending_request = None
+    try:
+        if ready is not None:
+            ready()
+        while count is None or n < count:
+            try:
+                ts, t, payload = q.get(timeout=0.5)
+            except Empty:
+                continue
+            where = _parse_topic(t)
+            if where is None:
+                continue
+            sub = where[1]
+            rtt = None
+            if mode == "optimizer":
+                if sub == "srv":
+                    pending_request = ts
+                    continue
+                if sub == "esp" and pending_request is not None:
+                    rtt, pending_request = ts - pending_request, None
+            print(format_dump(ts, sub, payload, rtt, as_json), file=out, flush=True)
+            n += 1
+    finally:
+        conn.stop()
+    return n
+
+
+def replay(db_path: str, broker_uri: str, pair_id: str, to_pid: str | None = None,
+           speed: float = 1.0, *, min_timestamp=None, max_timestamp=None,
+           keepalive: int = 60, connect_timeout: float = 10.0, send_timeout: float = 60.0) -> int:
+    """Republish a recorded pair's messages with their original timing.
+
+    The messages of *pair_id* in *db_path* (optionally between *min_timestamp*
+    and *max_timestamp*) are published in recording order to
+    ``mqbtt/<to_pid>/<subtopic>`` (*to_pid* defaults to *pair_id*) at the QoS
+    of their subtopic, the gaps between them divided by *speed* (``0``: as
+    fast as possible).  Returns the number of messages published, once the
+    broker acknowledged all of them.
+    """
+    if not isinstance(speed, (int, float)) or speed < 0:
+        raise ValueError(f"speed must be a non-negative number, not {speed!r}")
+    check_pair_id(pair_id)
+    to_pid = check_pair_id(to_pid or pair_id)
+    if not os.path.exists(db_path):
+        raise MQbtTError(f"no such database: {db_path}")
+    broker = BrokerURI.parse(broker_uri if broker_uri is not None else default_broker())
+    conn = _Connection(broker, f"mqbtt-replay-{os.urandom(6).hex()}", True, [], None, keepalive)
+    conn.client.max_inflight_messages_set(0)  # keep order, never throttle on our side
+    conn.start(connect_timeout)
+    n = 0
+    pending = deque()
+
+    def wait(info):
+        if not _wait_published(info, send_timeout):
+            raise MQbtTSendTimeout(f"the broker {broker} did not acknowledge a replayed "
+                                   f"message within {send_timeout:g} s")
+
+    try:
+        with MQbtTDataBase(db_path) as db:
+            t0 = m0 = None
+            for rec in db.records(pair_id=pair_id, min_timestamp=min_timestamp,
+                                  max_timestamp=max_timestamp):
+                ts = rec.timestamp.timestamp()
+                if t0 is None:
+                    t0, m0 = ts, time.monotonic()
+                elif speed > 0:
+                    delay = m0 + (ts - t0) / speed - time.monotonic()
+                    if delay > 0:
+                        time.sleep(delay)
+                qos = SUBTOPICS[rec.subtopic]
+                info = conn.client.publish(topic(to_pid, rec.subtopic), rec.payload, qos)
+                n += 1
+                if qos == 2:
+                    # the broker forwards a QoS 2 message only on PUBREL: without
+                    # this wait a following QoS 1 message could overtake it
+                    wait(info)
+                elif qos == 1:
+                    pending.append(info)
+                    while pending and pending[0]._published:
+                        pending.popleft()
+        while pending:
+            wait(pending.popleft())
+    finally:
+        conn.stop()
+    return n
 
 
 ###############################################################################
 # External services: AxeOS and OpenObserve ####################################
 ###############################################################################
 
-# (issue 5: pid2url, axeos_info, axeos_restart, o2_history, restart, wslog)
+#: Default timeout, in seconds, of every AxeOS and OpenObserve HTTP call (and
+#: of the websocket handshake of :func:`wslog`).
+HTTP_TIMEOUT = 10.0
+
+#: The networks ESP-Miner (AxeOS) answers; any other client gets ``401``.
+AXEOS_PRIVATE_NETWORKS = "10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16"
+
+# CSI sequences (colours: ESC [ 0 ; 32 m), OSC sequences and two-byte escapes
+_ANSI_PATTERN = r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)|[@-Z\\-_])"
+
+
+def config_path() -> str:
+    """The path of the user configuration file: ``$MQBTT_CONFIG`` if set, else
+    ``$XDG_CONFIG_HOME/mqbtt/config.ini`` (``~/.config/mqbtt/config.ini``
+    when ``$XDG_CONFIG_HOME`` is not set).
+
+    The file is INI: a ``[pairs]`` section maps pair ids to AxeOS addresses
+    (an IP address, ``host``, ``host:port`` or an ``http(s)://`` URL) and an
+    ``[openobserve]`` section gives ``url``, ``org``, ``stream``, ``user`` and
+    ``password``::
+
+        [pairs]
+        test = 192.168.1.50
+        gamma01 = 10.0.0.7:8080
+
+        [openobserve]
+        url = https://o2.example.org
+        org = default
+        stream = history
+        user = me@example.org
+        password = ...
+    """
+    path = os.environ.get("MQBTT_CONFIG")
+    if path:
+        return os.path.expanduser(path)
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return os.path.join(base, "mqbtt", "config.ini")
+
+
+def _config():
+    """The parsed configuration file (empty when the default file is absent).
+
+    :raises ValueError: if ``$MQBTT_CONFIG`` names a missing file or the file
+      is not valid INI (the message gives line numbers, never line contents,
+      which may hold a password)."""
+    import configparser
+    path = config_path()
+    cp = configparser.ConfigParser(interpolation=None)
+    cp.optionxform = str  # pair ids are case-sensitive
+    try:
+        with open(path, encoding="utf-8") as f:
+            cp.read_file(f, source=path)
+    except FileNotFoundError:
+        if os.environ.get("MQBTT_CONFIG"):
+            raise ValueError(f"configuration file {path} (from $MQBTT_CONFIG) does not exist") from None
+    except configparser.ParsingError as err:
+        lines = ", ".join(str(n) for n, _ in err.errors) or str(getattr(err, "lineno", "?"))
+        raise ValueError(f"invalid configuration file {path} (line {lines}): "
+                         "expected [section] headers and 'key = value' lines") from None
+    except configparser.Error as err:  # duplicate section/option: names only
+        raise ValueError(f"invalid configuration file {path}: {' '.join(str(err).split())}") from None
+    return cp
+
+
+def _base_url(text: str, what: str) -> str:
+    """``scheme://host[:port][/path]`` (no trailing slash) from an address
+    given as IP, host, ``host:port`` or ``http(s)://`` URL."""
+    from urllib.parse import urlsplit
+    t = text.strip() if isinstance(text, str) else ""
+    if not t:
+        raise ValueError(f"invalid {what}: empty")
+    if "://" not in t:
+        if t.count(":") > 1 and not t.startswith("["):  # a bare IPv6 address
+            t = f"[{t}]"
+        t = "http://" + t
+    try:
+        u = urlsplit(t)
+        u.port
+    except ValueError as err:
+        raise ValueError(f"invalid {what} {_redact(text)!r}: {err}") from None
+    if (u.scheme.lower() not in ("http", "https") or not u.hostname
+            or any(c.isspace() for c in u.netloc)):
+        raise ValueError(f"invalid {what} {_redact(text)!r}: an IP address, host, host:port "
+                         "or http(s):// URL is expected")
+    return f"{u.scheme.lower()}://{u.netloc}{u.path.rstrip('/')}"
+
+
+def pid2url(pid: str) -> str:
+    """Converts a pair identifier to the corresponding AxeOS API base URL.
+
+    The pair ids are looked up in the ``[pairs]`` section of the
+    configuration file (see :func:`config_path`).  If the *pid* is not known,
+    it is returned as is, assuming it is an IP address (or ``host``,
+    ``host:port``), made into ``http://host[:port]``.
+
+    :param pid: The pair identifier or IP address of the device.
+    :returns: The base URL of the AxeOS API for the given pair identifier or
+      IP address (example: ``http://192.168.1.50``).
+    :raises ValueError: for an unusable address or configuration file."""
+    if not isinstance(pid, str) or not pid.strip():
+        raise ValueError(f"invalid pair id {pid!r}: a non-empty string is required")
+    cp = _config()
+    target = cp.get("pairs", pid, fallback=None) if cp.has_section("pairs") else None
+    if target is None:
+        return _base_url(pid, "pair id or device address")
+    return _base_url(target, f"address of pair {pid!r} in {config_path()}")
+
+
+def _net_reason(err) -> tuple:
+    """``(connected, reason)`` for a :mod:`requests` connection error:
+    whether the TCP connection had been established, and a short reason."""
+    import re
+    text = str(err)
+    connected = not any(k in text for k in ("NewConnectionError", "NameResolutionError",
+                                            "Failed to establish", "Failed to resolve"))
+    for pattern in (r"\[Errno -?\d+\] ([^'\"\)\]]+)", r"Error\(-?\d+, '([^']+)'\)",
+                    r"RemoteDisconnected\('([^']+)'\)", r"Failed to resolve '([^']+)'"):
+        m = re.search(pattern, text)
+        if m:
+            reason = m.group(1).strip().rstrip(".")
+            if pattern.startswith("Failed"):
+                reason = f"cannot resolve host {m.group(1)}"
+            return connected, reason[:1].lower() + reason[1:]
+    return connected, type(err).__name__
+
+
+def _http(method: str, url: str, what: str, *, timeout=None, auth=None, json_body=None,
+          no_retry_hint: bool = False):
+    """One HTTP call with a timeout, never retried, redirects not followed.
+
+    Network errors and timeouts become :exc:`APIException` ("*what*: METHOD
+    URL: reason"); the response is returned whatever its status."""
+    import requests
+    timeout = HTTP_TIMEOUT if timeout is None else float(timeout)
+    where = f"{method} {_redact(url)}"
+    hint = ("; the device may restart anyway: check it with 'axeos_info' before trying again"
+            if no_retry_hint else "")
+    try:
+        return requests.request(method, url, timeout=timeout, auth=auth, json=json_body,
+                                allow_redirects=False,
+                                headers={"Accept": "application/json, text/plain;q=0.9, */*;q=0.5",
+                                         "User-Agent": f"mqbtt/{__version__}"})
+    except requests.exceptions.ConnectTimeout:
+        raise APIException(f"{what}: {where}: cannot connect within {timeout:g} s") from None
+    except requests.exceptions.Timeout:
+        raise APIException(f"{what}: {where}: no answer within {timeout:g} s{hint}") from None
+    except requests.exceptions.ConnectionError as err:
+        connected, reason = _net_reason(err)
+        if connected:
+            raise APIException(f"{what}: {where}: connection lost before an answer "
+                               f"({reason}){hint}") from None
+        raise APIException(f"{what}: {where}: cannot connect ({reason})") from None
+    except requests.exceptions.RequestException as err:
+        raise APIException(f"{what}: {where}: {type(err).__name__}: "
+                           f"{' '.join(str(err).split())[:200]}") from None
+
+
+def _snippet(r, limit: int = 200) -> str:
+    """The start of a response body, on one line (empty if there is none)."""
+    try:
+        text = " ".join(r.text.split())
+    except Exception:  # pragma: no cover - undecodable body
+        text = ""
+    return text[:limit] + ("..." if len(text) > limit else "")
+
+
+class _AxeOSUnauthorized(APIException):
+    """AxeOS answered 401: the client is not on a private network."""
+
+
+def _check_axeos(r, what: str) -> None:
+    where = f"{r.request.method} {_redact(r.url)}"
+    if 200 <= r.status_code < 300:
+        return
+    if r.status_code == 401:
+        raise _AxeOSUnauthorized(
+            f"{what}: {where}: 401 Unauthorized: AxeOS only answers clients on private "
+            f"networks ({AXEOS_PRIVATE_NETWORKS}); run this from the miner's LAN or "
+            "through a proxy with a private address")
+    body = _snippet(r)
+    if 300 <= r.status_code < 400:
+        body = f"redirect to {_redact(r.headers.get('Location', '?'))}"
+    raise APIException(f"{what}: {where}: HTTP {r.status_code} {r.reason or ''}".rstrip()
+                       + (f" ({body})" if body else ""))
+
+
+def axeos_info(pid: str, *, timeout: float | None = None) -> dict:
+    """Get system information from the AxeOS API (``GET /api/system/info``).
+
+    :param pid: The pair identifier or IP address of the device.
+    :param timeout: seconds to wait for the device (default :data:`HTTP_TIMEOUT`).
+    :returns: A dictionary containing the system information (ESP-Miner's
+      ``SystemInfo``: ``ASICModel``, ``hostname``, ``version``, ``hashRate``,
+      ``uptimeSeconds``, ...).
+    :raises APIException: on network errors (including timeouts), an HTTP
+      error status (401: the client is not on a private network) or an answer
+      that is not a JSON object."""
+    r = _http("GET", pid2url(pid) + "/api/system/info", "AxeOS system info", timeout=timeout)
+    _check_axeos(r, "AxeOS system info")
+    try:
+        info = r.json()
+    except ValueError:
+        info = None
+    if not isinstance(info, dict):
+        raise APIException(f"AxeOS system info: GET {_redact(r.url)}: the answer is not a JSON "
+                           f"object ({_snippet(r, 80) or 'empty'})")
+    return info
+
+
+def axeos_restart(pid: str, *, timeout: float | None = None) -> None:
+    """Restart the device using the AxeOS API (``POST /api/system/restart``).
+
+    Any 2xx answer is success: firmware up to v2.12 answers ``text/plain``
+    "System will restart shortly.", later versions the same text as JSON
+    ``{"message": ...}``; the device restarts about a second later.  The
+    request is never retried (a lost answer does not mean a lost restart).
+
+    :param pid: The pair identifier or IP address of the device.
+    :param timeout: seconds to wait for the device (default :data:`HTTP_TIMEOUT`).
+    :raises APIException: on network errors (including timeouts) or an HTTP
+      error status."""
+    r = _http("POST", pid2url(pid) + "/api/system/restart", "AxeOS restart",
+              timeout=timeout, no_retry_hint=True)
+    _check_axeos(r, "AxeOS restart")
+    log.info("AxeOS restart of %s requested: %s", _redact(r.url), _snippet(r, 80))
+
+
+@dataclass(frozen=True)
+class _O2Settings:
+    url: str
+    org: str
+    stream: str
+    user: str | None
+    password: str | None = dataclasses.field(default=None, repr=False)
+
+
+def _o2_settings() -> _O2Settings:
+    """OpenObserve settings: ``$MQBTT_O2_*`` over the ``[openobserve]`` section.
+
+    :raises APIException: if no URL is configured."""
+    cp = _config()
+    section = cp["openobserve"] if cp.has_section("openobserve") else {}
+
+    def get(key, default=None):
+        return os.environ.get("MQBTT_O2_" + key.upper()) or section.get(key) or default
+
+    url = get("url")
+    if not url:
+        raise APIException("OpenObserve is not configured: set $MQBTT_O2_URL, or 'url' in the "
+                           f"[openobserve] section of {config_path()}")
+    return _O2Settings(url=_base_url(url, "OpenObserve URL"), org=get("org", "default"),
+                       stream=get("stream", "history"), user=get("user"),
+                       password=get("password"))
+
+
+def _o2_answer(r, s: _O2Settings, where: str) -> None:
+    """Check an OpenObserve ingestion answer, raise APIException if the
+    record was not stored."""
+    what = "OpenObserve history"
+    if r.status_code == 401:
+        raise APIException(f"{what}: {where}: 401 Unauthorized: check the user and password "
+                           "($MQBTT_O2_USER / $MQBTT_O2_PASSWORD, or the [openobserve] section "
+                           f"of {config_path()})")
+    try:
+        answer = r.json()
+    except ValueError:
+        answer = None
+    if not 200 <= r.status_code < 300:
+        detail = answer.get("message") or answer.get("error") if isinstance(answer, dict) else None
+        raise APIException(f"{what}: {where}: HTTP {r.status_code} {r.reason or ''}".rstrip()
+                           + f" ({' '.join(str(detail).split())[:200] if detail else _snippet(r)})")
+    if not isinstance(answer, dict):
+        raise APIException(f"{what}: {where}: the answer is not a JSON object "
+                           f"({_snippet(r, 80) or 'empty'})")
+    if answer.get("error"):
+        raise APIException(f"{what}: {where}: OpenObserve reports an error: "
+                           f"{' '.join(str(answer['error']).split())[:200]}")
+    if answer.get("code", 200) != 200:
+        raise APIException(f"{what}: {where}: OpenObserve answered code {answer.get('code')}"
+                           + (f" ({answer['message']})" if answer.get("message") else ""))
+    status = answer.get("status")
+    if not isinstance(status, list) or not all(isinstance(x, dict) for x in status):
+        raise APIException(f"{what}: {where}: the answer has no per-stream status "
+                           f"({_snippet(r, 80)})")
+    ok = 0
+    for entry in status:
+        try:
+            failed, successful = int(entry.get("failed", 0)), int(entry.get("successful", 0))
+        except (TypeError, ValueError):
+            raise APIException(f"{what}: {where}: unusable per-stream status ({_snippet(r, 80)})") from None
+        if failed:
+            error = entry.get("error")
+            raise APIException(
+                f"{what}: {where}: OpenObserve dropped the record (stream "
+                f"{entry.get('name', s.stream)!r}: {successful} successful, {failed} failed"
+                + (f": {' '.join(str(error).split())[:200]}" if error else "") + ")")
+        ok += successful
+    if ok < 1:
+        raise APIException(f"{what}: {where}: OpenObserve stored no record ({_snippet(r, 80)})")
+
+
+def o2_history(pid: str, detail: str, *, timeout: float | None = None, **fields) -> None:
+    """Log an event to OpenObserve history stream.
+
+    POSTs one JSON record (in a JSON array) to
+    ``{url}/api/{org}/{stream}/_json`` with HTTP basic auth, taking URL,
+    organisation (default ``default``), stream (default ``history``), user
+    and password from ``$MQBTT_O2_URL``, ``$MQBTT_O2_ORG``,
+    ``$MQBTT_O2_STREAM``, ``$MQBTT_O2_USER``, ``$MQBTT_O2_PASSWORD`` or the
+    ``[openobserve]`` section of the configuration file (see
+    :func:`config_path`).  The record holds ``_timestamp`` (now, in
+    microseconds), ``pid``, ``detail``, ``host``, ``source`` (``mqbtt``) and
+    any extra *fields*.
+
+    OpenObserve answers 200 even when it drops records, so the per-stream
+    ``failed`` counts of its answer are checked too.
+
+    :param pid: The pair identifier or IP address of the device.
+    :param detail: The detail to log in the history.
+    :param timeout: seconds to wait for OpenObserve (default :data:`HTTP_TIMEOUT`).
+    :raises APIException: if OpenObserve is not configured, on network
+      errors (including timeouts), an HTTP error status, or an answer that
+      does not report the record as stored.  Messages never contain the
+      password."""
+    import socket
+    from urllib.parse import quote
+    s = _o2_settings()
+    record = {"_timestamp": int(time.time() * 1_000_000), "pid": str(pid),
+              "detail": "" if detail is None else str(detail), "host": socket.gethostname(),
+              "source": "mqbtt", "mqbtt_version": __version__}
+    record.update(fields)
+    url = f"{s.url}/api/{quote(s.org, safe='')}/{quote(s.stream, safe='')}/_json"
+    auth = (s.user, s.password or "") if s.user else None
+    try:
+        r = _http("POST", url, "OpenObserve history", timeout=timeout, auth=auth,
+                  json_body=[record])
+        _o2_answer(r, s, f"POST {_redact(url)}")
+    except APIException as err:
+        if s.password and s.password in str(err):
+            raise APIException(str(err).replace(s.password, "***")) from None
+        raise
+
+
+def _wait_back(pid: str, url: str, before: dict | None, t0: float, wait: float,
+               timeout: float | None, say) -> tuple:
+    """Poll ``/api/system/info`` with back-off until the device answers with
+    a reset ``uptimeSeconds``; ``(info, seconds since the restart request)``."""
+    old = before.get("uptimeSeconds") if before else None
+    old = old if isinstance(old, (int, float)) else None
+    deadline = t0 + wait
+    delay, last_err, was_down = 0.5, None, False
+    per_call = min(HTTP_TIMEOUT if timeout is None else timeout, 5.0)
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise APIException(f"AxeOS restart: {pid} ({url}) did not answer again within "
+                               f"{wait:g} s of the restart request"
+                               + (f" (last error: {last_err})" if last_err else ""))
+        time.sleep(min(delay, left))
+        delay = min(delay * 2, 10.0)
+        try:
+            info = axeos_info(pid, timeout=max(0.2, min(per_call, deadline - time.monotonic())))
+        except _AxeOSUnauthorized:
+            raise
+        except APIException as err:
+            last_err, was_down = err, True
+            continue
+        elapsed = time.monotonic() - t0
+        up = info.get("uptimeSeconds")
+        if isinstance(up, (int, float)) and old is not None:
+            if up < old + elapsed - 2:
+                return info, elapsed
+        elif was_down:
+            return info, elapsed
+
+
+def restart(pid: str, detail: str = "", *, wait: float | None = None, history: bool = True,
+            timeout: float | None = None, progress=None) -> dict:
+    """Restart an AxeOS miner, record the event in the OpenObserve history
+    stream and optionally wait until the device answers again.
+
+    With *history*, OpenObserve must be configured (checked before the device
+    is touched); the event is recorded with ``event="restart"`` and, after
+    waiting, a second ``event="back online"`` with the ``downtime``.  The
+    restart is never retried.  With *wait* (seconds), ``/api/system/info`` is
+    polled with back-off (0.5 s doubling to 10 s) until ``uptimeSeconds``
+    shows that the device rebooted.
+
+    :param pid: The pair identifier or IP address of the device.
+    :param detail: The reason of the restart, recorded in the history.
+    :param wait: wait up to this many seconds for the device to come back.
+    :param history: whether to record the event in OpenObserve.
+    :param timeout: seconds each HTTP call may take (default :data:`HTTP_TIMEOUT`).
+    :param progress: called with a one-line message at each step (optional).
+    :returns: a dict with ``pid``, ``url``, ``recorded`` (bool),
+      ``downtime`` (seconds from the restart request to the first answer
+      after the reboot, or None) and ``info`` (the system info then, or None).
+    :raises APIException: if any step fails (when the restart was requested
+      but recording it failed, the message says so)."""
+    say = progress or (lambda message: None)
+    url = pid2url(pid)
+    if history:
+        _o2_settings()
+    before = axeos_info(pid, timeout=timeout) if wait is not None else None
+    t0 = time.monotonic()
+    axeos_restart(pid, timeout=timeout)
+    say(f"restart of {pid} ({url}) requested")
+    result = {"pid": pid, "url": url, "recorded": False, "downtime": None, "info": None}
+    failure = None
+    if history:
+        try:
+            o2_history(pid, detail, timeout=timeout, event="restart")
+            result["recorded"] = True
+            say("restart recorded in the OpenObserve history")
+        except APIException as err:
+            failure = err
+    if wait is not None:
+        say(f"waiting up to {wait:g} s for {pid} to answer again")
+        info, downtime = _wait_back(pid, url, before, t0, wait, timeout, say)
+        result.update(info=info, downtime=downtime)
+        up = info.get("uptimeSeconds")
+        say(f"{pid} is back after {downtime:.1f} s" + (f" (uptime {up} s)" if up is not None else ""))
+        if history and failure is None:
+            try:
+                o2_history(pid, f"back online after {downtime:.1f} s", timeout=timeout,
+                           event="back online", downtime=round(downtime, 3))
+            except APIException as err:
+                failure = err
+    if failure is not None:
+        raise APIException(f"the restart of {pid} was requested, but recording it failed: {failure}")
+    return result
+
+
+def _ws_url(base: str) -> str:
+    return ("wss" if base.startswith("https:") else "ws") + base[base.index(":"):] + "/api/ws"
+
+
+def wslog(pid: str, path: str, *, duration: float | None = None, stop=None,
+          timeout: float | None = None, backoff: tuple = (1.0, 60.0), progress=None) -> int:
+    """Append the AxeOS websocket log stream (``ws://<host>/api/ws``) to the
+    file *path*, one clean line at a time.
+
+    Frames are plain text; they may split a line or join several, and carry
+    ANSI colour codes: complete lines are reassembled, stripped of escape
+    sequences and ``\\r``, appended and flushed one by one.  A dropped
+    connection is re-established with exponential back-off (*backoff*:
+    first and maximum delay in seconds, reset once data flows again); a line
+    cut by the drop is written as it is.  The first connection must succeed.
+
+    .. warning:: while the websocket is open the miner stops sending its logs
+       over MQTT (so OpenObserve gets none); firmware forks based on ESP-Miner
+       before v2.14 resume only after a miner restart.
+
+    :param pid: The pair identifier or IP address of the device.
+    :param path: the file to append to (created if needed, UTF-8).
+    :param duration: stop after this many seconds (default: run until *stop*
+      is set or the caller is interrupted, e.g. Ctrl-C).
+    :param stop: a :class:`threading.Event` that ends the function when set.
+    :param timeout: seconds for each connection handshake (default :data:`HTTP_TIMEOUT`).
+    :param progress: called as ``progress(event, message)`` with *event*
+      ``"connected"`` or ``"lost"`` (default: lost connections are logged as
+      warnings on the ``mqbtt`` logger).
+    :returns: the number of lines written.  A partial line pending when the
+      function ends (also on ``KeyboardInterrupt``) is written first.
+    :raises APIException: if the first connection fails, or the device
+      refuses the stream (401: not on a private network; 404: no log
+      websocket).
+    :raises OSError: if the file cannot be written."""
+    import codecs
+    import re
+    import websocket
+    ansi = re.compile(_ANSI_PATTERN)
+    url = _ws_url(pid2url(pid))
+    where = f"AxeOS websocket log: {_redact(url)}"
+    say = progress or (lambda event, message: event == "lost" and log.warning("wslog: %s", message))
+    connect_timeout = HTTP_TIMEOUT if timeout is None else float(timeout)
+    t_end = None if duration is None else time.monotonic() + duration
+
+    def stopping():
+        return ((stop is not None and stop.is_set())
+                or (t_end is not None and time.monotonic() >= t_end))
+
+    def pause(seconds):
+        end = time.monotonic() + seconds
+        if t_end is not None:
+            end = min(end, t_end)
+        while not stopping():
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            if stop is not None:
+                stop.wait(min(left, 0.5))
+            else:
+                time.sleep(min(left, 0.5))
+
+    count = 0
+    pending = ""
+    first = True
+    delay = backoff[0]
+    with open(path, "a", encoding="utf-8") as f:
+        def emit(text):
+            nonlocal count
+            f.write(ansi.sub("", text).replace("\r", "") + "\n")
+            f.flush()
+            count += 1
+
+        decoder = None
+        try:
+            while not stopping():
+                ws = None
+                try:
+                    ws = websocket.create_connection(url, timeout=connect_timeout,
+                                                     suppress_origin=True,
+                                                     skip_utf8_validation=True)
+                except websocket.WebSocketBadStatusException as err:
+                    code = err.status_code
+                    if code == 401:
+                        raise _AxeOSUnauthorized(
+                            f"{where}: 401 Unauthorized: AxeOS only answers clients on private "
+                            f"networks ({AXEOS_PRIVATE_NETWORKS})") from None
+                    if code == 404:
+                        raise APIException(f"{where}: 404 Not Found: this firmware has no "
+                                           "websocket log") from None
+                    reason = f"HTTP {code}"
+                    if code == 429:
+                        reason += " Too Many Requests (AxeOS serves at most 10 websocket clients)"
+                    elif first:
+                        raise APIException(f"{where}: handshake refused ({reason})") from None
+                except (OSError, websocket.WebSocketException) as err:
+                    reason = (err.strerror if isinstance(err, OSError) and err.strerror
+                              else " ".join(str(err).split())[:200] or type(err).__name__)
+                    if first:
+                        raise APIException(f"{where}: cannot connect ({reason[:1].lower() + reason[1:]})") from None
+                else:
+                    first = False
+                    say("connected", f"connected to {_redact(url)}, appending to {path}")
+                    got_data = False
+                    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+                    reason = "closed by the device"
+                    try:
+                        ws.settimeout(0.5)
+                        while not stopping():
+                            try:
+                                opcode, data = ws.recv_data()
+                            except websocket.WebSocketTimeoutException:
+                                continue
+                            if opcode == websocket.ABNF.OPCODE_CLOSE:
+                                break
+                            got_data = True
+                            pending += decoder.decode(data if isinstance(data, bytes) else data.encode())
+                            *lines, pending = pending.split("\n")
+                            for line in lines:
+                                emit(line)
+                    except (OSError, websocket.WebSocketException) as err:
+                        reason = " ".join(str(err).split())[:200] or type(err).__name__
+                    finally:
+                        pending += decoder.decode(b"", final=True)
+                        decoder = None
+                        try:
+                            ws.close(timeout=1)
+                        except Exception:
+                            pass
+                        finally:
+                            ws.shutdown()  # close the socket even if the handshake failed
+                    if pending and not stopping():
+                        emit(pending)  # the rest of this line is lost with the connection
+                        pending = ""
+                    if got_data:
+                        delay = backoff[0]
+                if stopping():
+                    break
+                say("lost", f"{_redact(url)}: connection lost ({reason}); "
+                            f"reconnecting in {delay:g} s")
+                pause(delay)
+                delay = min(delay * 2, backoff[1])
+        finally:
+            if decoder is not None:
+                pending += decoder.decode(b"", final=True)
+            if pending:
+                emit(pending)
+    return count
 
 
 ###############################################################################
 # Distribution: zipapp, symlinks and upgrade ##################################
 ###############################################################################
 
-# (issue 3: upgrade, install-links)
+#: Where ``mqbtt upgrade`` looks for releases when neither ``--url`` nor
+#: ``$MQBTT_UPGRADE_URL`` is given: a base URL under which ``mqbtt.pyz`` and
+#: ``mqbtt.pyz.sha256`` (``sha256sum`` format) are published.  A placeholder
+#: the maintainers set to the project's real release location.
+UPGRADE_URL = "https://github.com/mqbtt/mqbtt/releases/latest/download"
+
+#: The environment variable overriding :data:`UPGRADE_URL`.
+UPGRADE_URL_ENV = "MQBTT_UPGRADE_URL"
+
+#: Commands that manage the zipapp itself and get no ``mqbtt_*`` link.
+_NO_LINK = ("install-links", "run")
+
+
+def link_names() -> list:
+    """The names :func:`install_links` creates: ``mqbtt_<command>`` for every
+    command (``mqbtt_dump``, ``mqbtt_record``, …)."""
+    return [f"mqbtt_{c}" for c in COMMANDS if c not in _NO_LINK]
+
+
+def running_zipapp(argv0: str | None = None) -> str | None:
+    """The resolved path of the zipapp this process runs from (symlinks
+    followed), or None when mqbtt runs from a plain ``mqbtt.py`` or an
+    installed package.
+
+    :param argv0: the path the program was started as (default: ``sys.argv[0]``)"""
+    import zipfile
+    path = sys.argv[0] if argv0 is None else argv0
+    if not path or not os.path.isfile(path):
+        return None
+    try:
+        return os.path.realpath(path) if zipfile.is_zipfile(path) else None
+    except OSError:
+        return None
+
+
+def install_links(directory: str, target: str | None = None, force: bool = False) -> list:
+    """Create the ``mqbtt_*`` symlinks (see :func:`link_names`) in *directory*,
+    each pointing at *target*, so that ``mqbtt_dump …`` runs ``mqbtt dump …``.
+
+    :param directory: where to create the links (created if missing)
+    :param target: the program the links point at (default: the running
+      ``mqbtt.pyz``, else this ``mqbtt.py``), made absolute
+    :param force: replace existing files or links of those names
+    :returns: the paths of the links
+    :raises FileExistsError: if a name is taken and *force* is false"""
+    target = os.path.abspath(target or running_zipapp() or os.path.realpath(__file__))
+    os.makedirs(directory, exist_ok=True)
+    made = []
+    for name in link_names():
+        link = os.path.join(directory, name)
+        if os.path.lexists(link):
+            if os.path.islink(link) and os.readlink(link) == target:
+                made.append(link)
+                continue
+            if not force:
+                raise FileExistsError(f"{link} exists (use --force to replace it)")
+        tmp = f"{link}.tmp-{os.getpid()}"
+        os.symlink(target, tmp)
+        os.replace(tmp, link)
+        made.append(link)
+    return made
+
+
+def run_script(path: str, args: list = ()) -> None:
+    """Run the Python script *path* as ``__main__`` with ``sys.argv = [path, *args]``,
+    as ``python path args…`` would, but with mqbtt and (in the zipapp) its bundled
+    dependencies importable: this is how ``mqbtt.pyz run optimizer.py`` works."""
+    import runpy
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no such script: {path}")
+    sys.argv = [path, *args]
+    sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
+    runpy.run_path(path, run_name="__main__")
+
+
+def _version_key(version: str) -> tuple:
+    """A sort key for version strings: ``0.10.0 > 0.9.1 > 0.9.1rc1``."""
+    import re
+    m = re.match(r"(\d+(?:\.\d+)*)(.*)$", version.strip())
+    if not m:
+        raise ValueError(f"not a version: {version!r}")
+    numbers = [int(x) for x in m.group(1).split(".")]
+    while numbers and numbers[-1] == 0:  # 1.0 == 1.0.0
+        numbers.pop()
+    return tuple(numbers), m.group(2) == "", m.group(2)
+
+
+def _fetch(url: str, timeout: float, out=None) -> bytes:
+    """GET *url*; write the body to the binary file *out* (return b"") or return it."""
+    import requests
+    try:
+        with requests.get(url, timeout=timeout, stream=out is not None,
+                          headers={"User-Agent": f"mqbtt/{__version__}"}) as r:
+            if r.status_code != 200:
+                raise MQbtTError(f"cannot download {url}: HTTP {r.status_code} {r.reason}")
+            if out is None:
+                return r.content
+            for chunk in r.iter_content(1 << 16):
+                out.write(chunk)
+            return b""
+    except requests.RequestException as err:
+        raise MQbtTError(f"cannot download {url}: {err.__class__.__name__}: {err}") from None
+
+
+def _zipapp_version(path: str, timeout: float = 120) -> str:
+    """The version the zipapp *path* reports with ``--version`` (run by this Python,
+    with a throw-away shiv cache so no stray cache directory is left behind)."""
+    import subprocess
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix="mqbtt-upgrade-") as root:
+        env = dict(os.environ, SHIV_ROOT=root)
+        for var in ("SHIV_ENTRY_POINT", "SHIV_MODULE", "SHIV_CONSOLE_SCRIPT", "SHIV_INTERPRETER"):
+            env.pop(var, None)
+        try:
+            r = subprocess.run([sys.executable, path, "--version"], env=env, timeout=timeout,
+                               stdin=subprocess.DEVNULL, capture_output=True, text=True)
+        except (OSError, subprocess.TimeoutExpired) as err:
+            raise MQbtTError(f"the downloaded mqbtt.pyz does not run: {err}") from None
+    words = r.stdout.split()
+    if r.returncode != 0 or len(words) != 2 or words[0] != "mqbtt":
+        raise MQbtTError("the downloaded mqbtt.pyz does not run or does not report a version "
+                         f"(exit {r.returncode}: {(r.stdout + r.stderr).strip()[-200:]!r})")
+    return words[1]
+
+
+def upgrade(target: str, url: str | None = None, check: bool = False,
+            timeout: float = 60.0, progress=None) -> tuple:
+    """Replace the zipapp *target* by the newest release, if newer.
+
+    Downloads ``<url>/mqbtt.pyz.sha256`` (``sha256sum`` format) and
+    ``<url>/mqbtt.pyz`` into a temporary file beside *target*, and checks that
+    the download has that SHA-256, is a zip file with a ``#!`` line, runs and
+    reports a newer version than *target*.  Only then is the previous file
+    kept as ``<target>.bak`` and *target* atomically replaced (``os.replace``;
+    a symlink is resolved first, so the link stays and its target changes;
+    the file mode is kept).  Any failure leaves *target* untouched.
+
+    :param target: the installed ``mqbtt.pyz`` (symlinks are followed)
+    :param url: the base URL (default: ``$MQBTT_UPGRADE_URL``, else :data:`UPGRADE_URL`)
+    :param check: only find out whether a newer version exists; change nothing
+    :param timeout: timeout of each HTTP request, in seconds
+    :param progress: called with a one-line message at each step, if given
+    :returns: ``(installed_version, available_version, replaced)``
+    :raises MQbtTError: on a download, checksum or validation failure
+    :raises OSError: if the target cannot be read or replaced"""
+    import hashlib
+    import shutil
+    import tempfile
+    import zipfile
+    say = progress or (lambda message: None)
+    base = (url or os.environ.get(UPGRADE_URL_ENV) or UPGRADE_URL).rstrip("/")
+    target = os.path.realpath(target)
+    directory = os.path.dirname(target)
+    installed = __version__ if running_zipapp() == target else _zipapp_version(target)
+    text = _fetch(f"{base}/mqbtt.pyz.sha256", timeout).decode("utf-8", "replace")
+    words = text.split()
+    expected = words[0].lower() if words else ""
+    if len(expected) != 64 or any(c not in "0123456789abcdef" for c in expected):
+        raise MQbtTError(f"{base}/mqbtt.pyz.sha256 is not in sha256sum format")
+    if not os.access(directory, os.W_OK | os.X_OK) and not check:
+        raise MQbtTError(f"cannot replace {target}: directory {directory} is not writable")
+    say(f"downloading {base}/mqbtt.pyz")
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=".download",
+                               dir=None if check else directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            _fetch(f"{base}/mqbtt.pyz", timeout, out=f)
+        h = hashlib.sha256()
+        with open(tmp, "rb") as f:
+            head = f.read(2)
+            f.seek(0)
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        if h.hexdigest() != expected:
+            raise MQbtTError(f"checksum mismatch for {base}/mqbtt.pyz: "
+                             f"got {h.hexdigest()}, published {expected}; nothing changed")
+        if head != b"#!" or not zipfile.is_zipfile(tmp):
+            raise MQbtTError(f"{base}/mqbtt.pyz is not a zipapp (no #! line or not a zip file)")
+        available = _zipapp_version(tmp)
+        if check or _version_key(available) <= _version_key(installed):
+            return installed, available, False
+        os.chmod(tmp, os.stat(target).st_mode & 0o7777)
+        backup = target + ".bak"
+        shutil.copy2(target, tmp + ".bak")
+        os.replace(tmp + ".bak", backup)
+        os.replace(tmp, target)
+        return installed, available, True
+    finally:
+        for path in (tmp, tmp + ".bak"):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
 
 
 ###############################################################################
@@ -1085,10 +2756,13 @@ def run_echo(broker_uri: str, pair_id: str, out=None, count: int | None = None, 
 COMMANDS = {
     "dump": "print the traffic a role of a pair would receive",
     "record": "record the traffic of every pair in a SQLite database",
+    "replay": "republish a recorded pair's traffic with its original timing",
     "echo": "fake miner answering every request (for testing optimizers)",
     "upgrade": "upgrade this mqbtt.pyz to the latest release",
     "restart": "restart an AxeOS miner and log the event to OpenObserve",
     "wslog": "store the AxeOS websocket log stream in a file",
+    "install-links": "create the mqbtt_* command symlinks in a directory",
+    "run": "run a script (e.g. an optimizer) with mqbtt and its dependencies importable",
 }
 
 
@@ -1126,6 +2800,206 @@ def _cmd_echo(argv):
     return 0
 
 
+def _check_broker(p, uri):
+    try:
+        BrokerURI.parse(uri)
+    except ValueError as err:
+        p.error(str(err))
+
+
+def _cmd_dump(argv):
+    p = _parser("dump")
+    _add_broker(p)
+    p.add_argument("--pid", metavar="TEXT", required=True, help="Pair id [required]")
+    p.add_argument("--mode", choices=list(DUMP_MODES), default="optimizer",
+                   help="Operation mode: log (log lines), miner (requests), optimizer "
+                        "(replies with their round-trip time, and shares); default: optimizer")
+    p.add_argument("--json", action="store_true", help="print one JSON object per line")
+    p.add_argument("--count", type=int, metavar="N", help="exit after N messages")
+    a = p.parse_args(argv)
+    _check_broker(p, a.broker)
+    try:
+        check_pair_id(a.pid)
+    except ValueError as err:
+        p.error(str(err))
+    if a.count is not None and a.count < 1:
+        p.error("--count must be positive")
+    what = ", ".join(topic(a.pid, s) for s in DUMP_MODES[a.mode])
+
+    def ready():
+        print(f"mqbtt dump: listening to {what} on {BrokerURI.parse(a.broker)} (Ctrl-C to stop)",
+              file=sys.stderr, flush=True)
+
+    dump(a.broker, a.pid, a.mode, as_json=a.json, count=a.count, ready=ready)
+    return 0
+
+
+def _cmd_record(argv):
+    p = _parser("record")
+    _add_broker(p)
+    p.add_argument("--db", metavar="PATH", required=True,
+                   help="Path to the record database. [required]")
+    p.add_argument("--exclude", metavar="TEXT", default="",
+                   help="Comma separated list of subtopics to exclude (in: esp, log, shr, srv).")
+    p.add_argument("--client-id", metavar="ID",
+                   help="MQTT client id (default: derived from this host, the broker and the "
+                        "absolute database path, so a restarted recorder gets back its session)")
+    a = p.parse_args(argv)
+    _check_broker(p, a.broker)
+    try:
+        exclude = parse_subtopics(a.exclude)
+    except ValueError as err:
+        p.error(f"--exclude: {err}")
+    if set(exclude) == set(SUBTOPICS):
+        p.error("--exclude: every subtopic is excluded, nothing to record")
+    if a.client_id is not None and not a.client_id.strip():
+        p.error("--client-id must not be empty")
+    record(a.broker, a.db, exclude=exclude, client_id=a.client_id, status=sys.stderr)
+    return 0
+
+
+def _cmd_replay(argv):
+    p = _parser("replay")
+    _add_broker(p)
+    p.add_argument("--db", metavar="PATH", required=True, help="the record database [required]")
+    p.add_argument("--pid", metavar="TEXT", required=True, help="the recorded pair id [required]")
+    p.add_argument("--to-pid", metavar="TEXT", help="publish as this pair id (default: --pid)")
+    p.add_argument("--speed", metavar="X", type=float, default=1.0,
+                   help="divide the recorded gaps by X (default 1; 0: as fast as possible)")
+    a = p.parse_args(argv)
+    _check_broker(p, a.broker)
+    for pid in (a.pid, a.to_pid):
+        try:
+            if pid is not None:
+                check_pair_id(pid)
+        except ValueError as err:
+            p.error(str(err))
+    if not a.speed >= 0 or a.speed == float("inf"):
+        p.error("--speed must be a non-negative number")
+    to = a.to_pid or a.pid
+    print(f"mqbtt replay: publishing pair {a.pid!r} of {a.db} as {to!r} at speed {a.speed:g}",
+          file=sys.stderr, flush=True)
+    n = replay(a.db, a.broker, a.pid, a.to_pid, a.speed)
+    print(f"mqbtt replay: {n} messages published", file=sys.stderr, flush=True)
+    return 0
+
+
+def _seconds(text):
+    """argparse type: a positive number of seconds."""
+    import argparse
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
+def _cmd_restart(argv):
+    p = _parser("restart")
+    p.add_argument("--pid", metavar="TEXT", default="test",
+                   help="Pair identifier (or device address), default: test")
+    p.add_argument("--detail", metavar="TEXT", default="",
+                   help="The detail of the reason for which the restart is requested")
+    p.add_argument("--wait", metavar="SECONDS", nargs="?", type=_seconds, const=180.0,
+                   help="wait until the device answers again (up to SECONDS, default 180) "
+                        "and report how long it was down")
+    p.add_argument("--no-history", action="store_true",
+                   help="do not record the restart in the OpenObserve history stream")
+    p.add_argument("--timeout", metavar="SECONDS", type=_seconds, default=HTTP_TIMEOUT,
+                   help=f"timeout of each HTTP call, default: {HTTP_TIMEOUT:g}")
+    a = p.parse_args(argv)
+    restart(a.pid, a.detail, wait=a.wait, history=not a.no_history, timeout=a.timeout,
+            progress=lambda message: print(f"mqbtt restart: {message}", flush=True))
+    return 0
+
+
+def _cmd_wslog(argv):
+    p = _parser("wslog")
+    p.add_argument("--pid", metavar="TEXT", default="test",
+                   help="Pair identifier (or device address), default: test")
+    p.add_argument("--file", metavar="PATH", required=True,
+                   help="Path to the file where to store the logs. [required]")
+    p.add_argument("--duration", metavar="SECONDS", type=_seconds,
+                   help="stop after SECONDS (default: run until Ctrl-C)")
+    a = p.parse_args(argv)
+    warned = []
+
+    def progress(event, message):
+        if event == "connected" and not warned:
+            warned.append(True)
+            print("mqbtt wslog: warning: while this runs the miner sends no logs over MQTT "
+                  "(OpenObserve receives none); with firmware before ESP-Miner v2.14 MQTT "
+                  f"logging resumes only after a miner restart ('mqbtt restart --pid {a.pid}')",
+                  file=sys.stderr, flush=True)
+            message += " (Ctrl-C to stop)"
+        print(f"mqbtt wslog: {message}", file=sys.stderr, flush=True)
+
+    n = wslog(a.pid, a.file, duration=a.duration, progress=progress)
+    print(f"mqbtt wslog: {n} lines appended to {a.file}", file=sys.stderr, flush=True)
+    return 0
+
+
+def _cmd_upgrade(argv):
+    p = _parser("upgrade")
+    p.add_argument("--url", metavar="BASE",
+                   help=f"release location holding mqbtt.pyz and mqbtt.pyz.sha256, default: "
+                        f"${UPGRADE_URL_ENV} or {UPGRADE_URL}")
+    p.add_argument("--check", action="store_true",
+                   help="only say whether a newer version is available")
+    a = p.parse_args(argv)
+    target = running_zipapp()
+    if target is None:
+        raise MQbtTError("not running from mqbtt.pyz, so there is nothing to replace: "
+                         "upgrade a copied mqbtt.py by copying the new release over it, "
+                         "a pip installation with 'pip install --upgrade' from a new checkout")
+    installed, available, replaced = upgrade(target, a.url, check=a.check)
+    if replaced:
+        print(f"mqbtt upgrade: {target} upgraded from {installed} to {available} "
+              f"(previous version kept as {target}.bak)")
+    elif _version_key(available) > _version_key(installed):
+        print(f"mqbtt upgrade: {available} is available (installed: {installed})")
+    else:
+        print(f"mqbtt upgrade: {target} is up to date ({installed}; latest release {available})")
+    return 0
+
+
+def _cmd_install_links(argv):
+    p = _parser("install-links")
+    p.add_argument("directory", metavar="DIR", help="where to create the links, e.g. ~/.local/bin")
+    p.add_argument("--force", action="store_true", help="replace existing files of those names")
+    a = p.parse_args(argv)
+    for link in install_links(a.directory, force=a.force):
+        print(f"{link} -> {os.readlink(link)}")
+    return 0
+
+
+def _cmd_run(argv):
+    import argparse
+    p = _parser("run")
+    p.add_argument("script", metavar="SCRIPT", help="the Python script to run")
+    p.add_argument("args", metavar="ARGS", nargs=argparse.REMAINDER,
+                   help="its arguments (passed as they are, options included)")
+    a = p.parse_args(argv)
+    if not os.path.isfile(a.script):
+        raise FileNotFoundError(f"no such script: {a.script}")
+    try:
+        run_script(a.script, a.args)
+    except SystemExit as e:  # the script's own exit: as python would treat it
+        if e.code is None or isinstance(e.code, int):
+            return e.code or 0
+        print(e.code, file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        raise
+    except BaseException:  # the user's bug: show the traceback as python would
+        import traceback
+        traceback.print_exc()
+        return 1
+    return 0
+
+
 def _not_yet(cmd):
     def run(argv):
         p = _parser(cmd)
@@ -1135,12 +3009,15 @@ def _not_yet(cmd):
 
 
 _HANDLERS = {
-    "dump": _not_yet("dump"),
-    "record": _not_yet("record"),
+    "dump": _cmd_dump,
+    "record": _cmd_record,
+    "replay": _cmd_replay,
     "echo": _cmd_echo,
-    "upgrade": _not_yet("upgrade"),
-    "restart": _not_yet("restart"),
-    "wslog": _not_yet("wslog"),
+    "upgrade": _cmd_upgrade,
+    "install-links": _cmd_install_links,
+    "run": _cmd_run,
+    "restart": _cmd_restart,
+    "wslog": _cmd_wslog,
 }
 
 

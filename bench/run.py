@@ -1,0 +1,370 @@
+"""mqbtt benchmarks against the raw building blocks, in the same run.
+
+    python3 bench/run.py [--quick] [--only NAME[,NAME...]] [--repeat N]
+
+Starts its own Mosquitto (loopback, ``set_tcp_nodelay true``), runs every
+comparison ``--repeat`` times, prints a table of medians with min-max and the
+ratio to the raw building block, and exits 1 if a target is missed.
+Benchmarks: codec, rtt, shares, record, fleet, query, startup.
+"""
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "examples"))
+
+import mqbtt  # noqa: E402
+from local_broker import LocalBroker  # noqa: E402
+
+PY = sys.executable
+RESULTS = []   # (name, unit, mqbtt runs, raw runs, target description, ok, higher_is_better)
+
+
+def med(xs):
+    return statistics.median(xs)
+
+
+def span(xs):
+    return f"{min(xs):.4g}–{max(xs):.4g}"
+
+
+def report(name, unit, ours, raw, target, higher_is_better, limit, raw_name="raw"):
+    """Record one comparison; *limit* is the allowed ratio ours/raw."""
+    ratio = med(ours) / med(raw) if raw else float("nan")
+    ok = ratio >= limit if higher_is_better else ratio <= limit
+    RESULTS.append((name, unit, ours, raw, ratio, target, ok, raw_name))
+    print(f"  {name}: mqbtt {med(ours):.4g} {unit} [{span(ours)}], {raw_name} {med(raw):.4g} {unit} "
+          f"[{span(raw)}], ratio {ratio:.3f} (target {target}) {'OK' if ok else 'MISSED'}",
+          flush=True)
+
+
+def info(name, unit, values, note=""):
+    RESULTS.append((name, unit, values, None, None, note, True, ""))
+    print(f"  {name}: {med(values):.4g} {unit} [{span(values)}] {note}", flush=True)
+
+
+def broker_conf():
+    return "max_queued_messages 0\nmax_inflight_messages 20\n"
+
+
+# ---------------------------------------------------------------------------
+# codec: Share.to_bytes / from_bytes vs raw protobuf
+# ---------------------------------------------------------------------------
+
+def bench_codec(repeat, quick):
+    from mqbtt import Share
+    pb = mqbtt._pb()["Share"]
+    fields = dict(version=0x20024000, prev_block=bytes(range(32)), merkle_root=bytes(range(32, 64)),
+                  time=1747905346, pool_time=1747905300, bits=0x17028C61, nonce=0xC5E6FC28,
+                  pool_diff=32768.0, job_id="1c5b2a", extranonce2="0100000000000000",
+                  diff=1636.25, zeroes=42)
+    share = Share(**fields)
+    data = share.to_bytes()
+    n = 20000 if quick else 100000
+
+    def timeit(fn):
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        return (time.perf_counter() - t) / n * 1e6
+
+    enc_ours, enc_raw, dec_ours, dec_raw = [], [], [], []
+    for _ in range(repeat):
+        enc_ours.append(timeit(share.to_bytes))
+        enc_raw.append(timeit(lambda: pb(**fields).SerializeToString()))
+        dec_ours.append(timeit(lambda: Share.from_bytes(data)))
+        dec_raw.append(timeit(lambda: pb.FromString(data)))
+    from google.protobuf.internal import api_implementation
+    print(f"  (protobuf backend: {api_implementation.Type()})")
+    report("Share.to_bytes", "µs", enc_ours, enc_raw, "≤ 2×", False, 2.0, "raw protobuf")
+    report("Share.from_bytes", "µs", dec_ours, dec_raw, "≤ 2×", False, 2.0, "raw protobuf")
+
+
+# ---------------------------------------------------------------------------
+# request -> reply round trip vs raw paho at the same QoS
+# ---------------------------------------------------------------------------
+
+MINER_SRC = r"""
+import sys, queue, threading
+sys.path.insert(0, sys.argv[4])
+kind, uri, pid = sys.argv[1:4]
+import mqbtt
+if kind == "mqbtt":
+    m = mqbtt.MQbtTMiner(uri, pid)
+    print("ready", flush=True)
+    while True:
+        r = m.receive_request()
+        if r.reset:
+            break
+        m.send_reply(mqbtt.Reply(num_shares=r.timestamp_min))
+    m.stop()
+else:
+    import paho.mqtt.client as mqtt
+    b = mqbtt.BrokerURI.parse(uri)
+    q = queue.Queue()
+    ready = threading.Event()
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="raw-miner-" + pid)
+    if sys.argv[5] == "1":
+        import socket
+        c.on_socket_open = lambda c, u, s: s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    c.on_connect = lambda c, u, f, rc, p: c.subscribe(f"mqbtt/{pid}/srv", 2)
+    c.on_subscribe = lambda *a: ready.set()
+    c.on_message = lambda c, u, msg: q.put(msg.payload)
+    c.connect(b.host, b.port)
+    c.loop_start()
+    ready.wait()
+    print("ready", flush=True)
+    Req, Rep = mqbtt._pb()["Request"], mqbtt._pb()["Reply"]
+    while True:
+        r = Req.FromString(q.get())
+        if r.reset:
+            break
+        c.publish(f"mqbtt/{pid}/esp", Rep(kind=1, num_shares=r.timestamp_min).SerializeToString(), 2).wait_for_publish()
+    c.disconnect(); c.loop_stop()
+"""
+
+
+def _rtt_ours(uri, pid, n):
+    miner = subprocess.Popen([PY, "-c", MINER_SRC, "mqbtt", uri, pid, ROOT, "1"], stdout=subprocess.PIPE,
+                             text=True)
+    assert miner.stdout.readline().strip() == "ready"
+    lat = []
+    with mqbtt.MQbtTOptimizer(uri, pid) as opt:
+        for i in range(n + 20):
+            t = time.perf_counter()
+            opt.send_request(mqbtt.Request(timestamp_min=i))
+            rep = opt.receive_reply(timeout=10)
+            dt = time.perf_counter() - t
+            assert rep.num_shares == i
+            if i >= 20:
+                lat.append(dt * 1000)
+        opt.send_request(mqbtt.Request(reset=True))
+    miner.wait(10)
+    return lat
+
+
+def _rtt_raw(uri, pid, n, nodelay=True):
+    import queue
+    import socket
+    import paho.mqtt.client as mqtt
+    miner = subprocess.Popen([PY, "-c", MINER_SRC, "raw", uri, pid, ROOT, "1" if nodelay else "0"],
+                             stdout=subprocess.PIPE, text=True)
+    assert miner.stdout.readline().strip() == "ready"
+    b = mqbtt.BrokerURI.parse(uri)
+    q = queue.Queue()
+    ready = threading.Event()
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="raw-opt-" + pid)
+    if nodelay:
+        c.on_socket_open = lambda c, u, s: s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    c.on_connect = lambda c, u, f, rc, p: c.subscribe(f"mqbtt/{pid}/esp", 2)
+    c.on_subscribe = lambda *a: ready.set()
+    c.on_message = lambda c, u, msg: q.put(msg.payload)
+    c.connect(b.host, b.port)
+    c.loop_start()
+    ready.wait()
+    Req, Rep = mqbtt._pb()["Request"], mqbtt._pb()["Reply"]
+    lat = []
+    for i in range(n + 20):
+        t = time.perf_counter()
+        c.publish(f"mqbtt/{pid}/srv", Req(timestamp_min=i).SerializeToString(), 2).wait_for_publish()
+        rep = Rep.FromString(q.get(timeout=10))
+        dt = time.perf_counter() - t
+        assert rep.num_shares == i
+        if i >= 20:
+            lat.append(dt * 1000)
+    c.publish(f"mqbtt/{pid}/srv", Req(reset=True).SerializeToString(), 2).wait_for_publish()
+    c.disconnect()
+    c.loop_stop()
+    miner.wait(10)
+    return lat
+
+
+def pct(xs, p):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+
+
+def bench_rtt(repeat, quick, broker):
+    n = 300 if quick else 1000
+    p50o, p99o, p50r, p99r = [], [], [], []
+    for k in range(repeat):
+        ours = _rtt_ours(broker.uri, f"rtt{k}", n)
+        raw = _rtt_raw(broker.uri, f"rawrtt{k}", n)
+        p50o.append(pct(ours, 50)); p99o.append(pct(ours, 99))
+        p50r.append(pct(raw, 50)); p99r.append(pct(raw, 99))
+    report("request→reply RTT p50 (QoS 2)", "ms", p50o, p50r, "≤ 1.15×", False, 1.15,
+           "raw paho + TCP_NODELAY")
+    report("request→reply RTT p99 (QoS 2)", "ms", p99o, p99r, "≤ 1.15×", False, 1.15,
+           "raw paho + TCP_NODELAY")
+    nagle = _rtt_raw(broker.uri, "nagle", 50, nodelay=False)
+    info("raw paho RTT p50 without TCP_NODELAY", "ms", [pct(nagle, 50)],
+         "(Nagle + delayed ACK: what mqbtt's sockets avoid)")
+
+
+# ---------------------------------------------------------------------------
+# share flood: receive_share vs raw paho -> queue.Queue vs mosquitto_sub
+# ---------------------------------------------------------------------------
+
+def _preload(uri, topic, n, payload):
+    """Publish n QoS 1 messages (the receiver's persistent session queues them)."""
+    import paho.mqtt.client as mqtt
+    b = mqbtt.BrokerURI.parse(uri)
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="")
+    c.max_inflight_messages_set(1000)
+    c.connect(b.host, b.port)
+    c.loop_start()
+    infos = [c.publish(topic, payload, 1) for _ in range(n)]
+    infos[-1].wait_for_publish(120)
+    for i in infos:
+        i.wait_for_publish(120)
+    c.disconnect()
+    c.loop_stop()
+
+
+def _share_payload():
+    return mqbtt.Share(version=0x20024000, prev_block=bytes(32), merkle_root=bytes(range(32)),
+                       nonce=1, job_id="1c5b2a", extranonce2="01000000", diff=1636.2,
+                       pool_diff=4096.0, zeroes=40).to_bytes()
+
+
+def _flood_ours(uri, pid, n, payload):
+    mqbtt.MQbtTOptimizer(uri, pid).stop()            # create the persistent session
+    _preload(uri, f"mqbtt/{pid}/shr", n, payload)
+    t = time.perf_counter()
+    with mqbtt.MQbtTOptimizer(uri, pid) as opt:
+        for _ in range(n):
+            opt.receive_share(timeout=30)
+        dt = time.perf_counter() - t
+    return n / dt
+
+
+def _flood_raw(uri, pid, n, payload):
+    import queue
+    import paho.mqtt.client as mqtt
+    b = mqbtt.BrokerURI.parse(uri)
+
+    def client():
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="raw-" + pid, clean_session=False)
+        c.on_connect = lambda c, u, f, rc, p: c.subscribe(f"mqbtt/{pid}/shr", 1)
+        return c
+    ready = threading.Event()
+    c = client()
+    c.on_subscribe = lambda *a: ready.set()
+    c.connect(b.host, b.port)
+    c.loop_start()
+    ready.wait(10)
+    c.disconnect()
+    c.loop_stop()
+    _preload(uri, f"mqbtt/{pid}/shr", n, payload)
+    q = queue.Queue()
+    t = time.perf_counter()
+    c = client()
+    c.on_message = lambda c, u, msg: q.put(msg.payload)
+    c.connect(b.host, b.port)
+    c.loop_start()
+    for _ in range(n):
+        q.get(timeout=30)
+    dt = time.perf_counter() - t
+    c.disconnect()
+    c.loop_stop()
+    return n / dt
+
+
+def _flood_mosquitto_sub(uri, pid, n, payload):
+    b = mqbtt.BrokerURI.parse(uri)
+    base = ["mosquitto_sub", "-h", b.host, "-p", str(b.port), "-q", "1", "-c", "-i", "sub-" + pid,
+            "-t", f"mqbtt/{pid}/shr"]
+    subprocess.run(base + ["-E"], check=True)
+    _preload(uri, f"mqbtt/{pid}/shr", n, payload)
+    t = time.perf_counter()
+    subprocess.run(base + ["-C", str(n), "-N"], check=True, stdout=subprocess.DEVNULL)
+    return n / (time.perf_counter() - t)
+
+
+def bench_shares(repeat, quick, broker):
+    n = 20000 if quick else 100000
+    payload = _share_payload()
+    ours, raw, msub = [], [], []
+    for k in range(repeat):
+        ours.append(_flood_ours(broker.uri, f"fo{k}", n, payload))
+        raw.append(_flood_raw(broker.uri, f"fr{k}", n, payload))
+        msub.append(_flood_mosquitto_sub(broker.uri, f"fm{k}", n, payload))
+    report(f"receive_share, {n} queued shares", "msg/s", ours, raw, "≥ 0.85×", True, 0.85,
+           "raw paho→Queue")
+    ratio = med(ours) / med(msub)
+    info("mosquitto_sub -C N (C client, no decoding)", "msg/s", msub,
+         f"(mqbtt/mosquitto_sub = {ratio:.2f})")
+
+
+# ---------------------------------------------------------------------------
+
+BENCHES = {"codec": bench_codec, "rtt": bench_rtt, "shares": bench_shares}
+NEEDS_BROKER = {"rtt", "shares", "record", "fleet"}
+
+
+def machine():
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    mosq = subprocess.run(["mosquitto", "-h"], capture_output=True, text=True).stdout.splitlines()[:1]
+    from importlib.metadata import version
+    import google.protobuf
+    from google.protobuf.internal import api_implementation
+    return (f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores, {cpu}; "
+            f"Python {platform.python_version()}; paho-mqtt {version('paho-mqtt')}; protobuf "
+            f"{google.protobuf.__version__} ({api_implementation.Type()}); {' '.join(mosq)}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run)")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--only", help="comma-separated benchmark names")
+    a = ap.parse_args(argv)
+    names = a.only.split(",") if a.only else list(BENCHES)
+    unknown = [n for n in names if n not in BENCHES]
+    if unknown:
+        ap.error(f"unknown benchmark(s): {', '.join(unknown)}")
+    print(f"machine: {machine()}", flush=True)
+    broker = None
+    if NEEDS_BROKER & set(names):
+        broker = LocalBroker(extra=broker_conf()).start()
+    try:
+        for name in names:
+            print(f"[{name}]", flush=True)
+            fn = BENCHES[name]
+            if name in NEEDS_BROKER:
+                fn(a.repeat, a.quick, broker)
+            else:
+                fn(a.repeat, a.quick)
+    finally:
+        if broker:
+            broker.cleanup()
+    print()
+    print("| benchmark | mqbtt (median, min–max) | raw building block (median, min–max) | ratio | target | met |")
+    print("|---|---|---|---|---|---|")
+    missed = 0
+    for name, unit, ours, raw, ratio, target, ok, raw_name in RESULTS:
+        if raw is None:
+            print(f"| {name} | {med(ours):.4g} {unit} ({span(ours)}) | | | {target} | |")
+            continue
+        missed += not ok
+        print(f"| {name} | {med(ours):.4g} {unit} ({span(ours)}) | {raw_name}: {med(raw):.4g} {unit} "
+              f"({span(raw)}) | {ratio:.3f} | {target} | {'yes' if ok else '**NO**'} |")
+    print(f"\n{len([r for r in RESULTS if r[3] is not None]) - missed} targets met, {missed} missed")
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
