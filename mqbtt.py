@@ -2310,7 +2310,7 @@ def o2_history(pid: str, detail: str, *, timeout: float | None = None, **fields)
 
 
 def _wait_back(pid: str, url: str, before: dict | None, t0: float, wait: float,
-               timeout: float | None, say) -> tuple:
+               timeout: float | None) -> tuple:
     """Poll ``/api/system/info`` with back-off until the device answers with
     a reset ``uptimeSeconds``; ``(info, seconds since the restart request)``."""
     old = before.get("uptimeSeconds") if before else None
@@ -2384,7 +2384,7 @@ def restart(pid: str, detail: str = "", *, wait: float | None = None, history: b
             failure = err
     if wait is not None:
         say(f"waiting up to {wait:g} s for {pid} to answer again")
-        info, downtime = _wait_back(pid, url, before, t0, wait, timeout, say)
+        info, downtime = _wait_back(pid, url, before, t0, wait, timeout)
         result.update(info=info, downtime=downtime)
         up = info.get("uptimeSeconds")
         say(f"{pid} is back after {downtime:.1f} s" + (f" (uptime {up} s)" if up is not None else ""))
