@@ -3041,6 +3041,21 @@ def _top_usage():
     return "\n".join(lines)
 
 
+def _cli_logging(cmd):
+    """Show the library's warnings and connection events (disconnected,
+    reconnected) on stderr, one line each, prefixed with the command."""
+    if not any(getattr(h, "_mqbtt_cli", False) for h in log.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler._mqbtt_cli = True
+        log.addHandler(handler)
+        log.propagate = False
+    for h in log.handlers:
+        if getattr(h, "_mqbtt_cli", False):
+            h.setFormatter(logging.Formatter(f"mqbtt {cmd}: %(message)s"))
+    if log.level == logging.NOTSET:
+        log.setLevel(logging.INFO)
+
+
 def main(argv: list | None = None, prog: str | None = None) -> int:
     """The command-line entry point: ``mqbtt COMMAND [OPTIONS]``, or
     ``mqbtt_COMMAND [OPTIONS]`` when invoked through a symlink of that name.
@@ -3062,6 +3077,7 @@ def main(argv: list | None = None, prog: str | None = None) -> int:
             print(_top_usage(), file=sys.stderr)
             print(f"mqbtt: error: unknown command {cmd!r}", file=sys.stderr)
             return 2
+    _cli_logging(cmd)
     try:
         return _HANDLERS[cmd](list(argv)) or 0
     except SystemExit as e:  # argparse: --help, --version, usage errors

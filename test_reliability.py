@@ -434,3 +434,22 @@ def test_passwords_never_in_output_logs_reprs_or_errors(tmp_path, capfd, caplog)
     leaks = [t for t in texts if secret in t]
     assert not leaks
     print(f"\n[secrets] {len(texts)} captured texts searched, 0 contain the password")
+
+
+def test_cli_reports_reconnection_on_stderr_and_keeps_working(broker):
+    import signal
+    p = subprocess.Popen([os.sys.executable, "mqbtt.py", "echo", "--broker", broker.uri, "rcl"],
+                         cwd=os.path.dirname(os.path.abspath(__file__)), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        assert "answering" in p.stderr.readline()
+        broker.restart()
+        lines = [p.stderr.readline() for _ in range(2)]
+        assert "disconnected" in lines[0] and "reconnected" in lines[1], lines
+        with MQbtTOptimizer(broker.uri, "rcl") as opt:
+            opt.send_request(Request(timestamp_min=1, timestamp_max=2))
+            assert opt.receive_reply(timeout=10).num_shares == 1020000
+    finally:
+        p.send_signal(signal.SIGINT)
+        assert p.wait(10) == 0
+    print("\n[cli reconnect] stderr: " + " | ".join(l.strip() for l in lines))
