@@ -305,8 +305,56 @@ def bench_shares(repeat, quick, broker):
 
 
 # ---------------------------------------------------------------------------
+# startup: mqbtt.pyz --version vs a shiv-built hello-world
+# ---------------------------------------------------------------------------
 
-BENCHES = {"codec": bench_codec, "rtt": bench_rtt, "shares": bench_shares}
+HELLO = 'def main():\n    print("hello 1.0")\n'
+
+
+def _time_cmd(cmd, env, n):
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
+        out.append((time.perf_counter() - t) * 1000)
+    return out
+
+
+def bench_startup(repeat, quick):
+    import tempfile
+    import build_zipapp
+    with tempfile.TemporaryDirectory() as tmp:
+        pyz = os.path.join(tmp, "mqbtt.pyz")
+        build_zipapp.build(pyz, quiet=True)
+        site = os.path.join(tmp, "hello-site")
+        os.makedirs(site)
+        with open(os.path.join(site, "hello.py"), "w") as f:
+            f.write(HELLO)
+        hello = os.path.join(tmp, "hello.pyz")
+        subprocess.run([PY, "-m", "shiv", "--site-packages", site, "--entry-point", "hello:main",
+                        "--python", "/usr/bin/env python3", "--reproducible", "-o", hello],
+                       check=True, capture_output=True)
+        env = dict(os.environ, SHIV_ROOT=os.path.join(tmp, "shiv-root"))
+        cold = []
+        for k in range(repeat):
+            cenv = dict(env, SHIV_ROOT=os.path.join(tmp, f"cold-{k}"))
+            cold += _time_cmd([pyz, "--version"], cenv, 1)
+        n = 10 if quick else 30
+        _time_cmd([pyz, "--version"], env, 2)      # extract + compile once
+        _time_cmd([hello], env, 2)
+        ours, raw = [], []
+        for _ in range(repeat):
+            ours.append(med(_time_cmd([pyz, "--version"], env, n)))
+            raw.append(med(_time_cmd([hello], env, n)))
+        bare = med(_time_cmd([PY, "-c", "pass"], env, n))
+    report("mqbtt.pyz --version (warm)", "ms", ours, raw, "≤ 1.2×", False, 1.2, "shiv hello-world")
+    info("mqbtt.pyz --version, first run (shiv extraction)", "ms", cold,
+         f"(python -c pass: {bare:.1f} ms)")
+
+
+# ---------------------------------------------------------------------------
+
+BENCHES = {"codec": bench_codec, "rtt": bench_rtt, "shares": bench_shares, "startup": bench_startup}
 NEEDS_BROKER = {"rtt", "shares", "record", "fleet"}
 
 
