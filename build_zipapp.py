@@ -270,6 +270,7 @@ def build(output="mqbtt.pyz", version=None, wheel_dir=None, python="/usr/bin/env
                 dirnames.remove("__pycache__")
         with open(os.path.join(site, "mqbtt.py"), "w", encoding="utf-8") as f:
             f.write(source)
+        shutil.copy(os.path.join(ROOT, "mqbt.py"), os.path.join(site, "mqbt.py"))
         with open(os.path.join(site, "mqbtt_boot.py"), "w", encoding="utf-8") as f:
             f.write(boot_source(source))
         preamble = os.path.join(tmp, "mqbtt_preamble.py")

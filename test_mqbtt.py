@@ -645,3 +645,10 @@ def test_demo_quick_start_command():
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout == DOC_OPTIMIZER + DOC_ECHO
+
+
+def test_documented_mqbt_spelling_imports():
+    """The documentation's examples say ``from mqbt import MQbtTLogReceiver``."""
+    import mqbt
+    assert mqbt.MQbtTLogReceiver is MQbtTLogReceiver and mqbt.Reply is Reply
+    assert mqbt.__version__ == mqbtt.__version__
