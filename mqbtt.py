@@ -2190,7 +2190,7 @@ def axeos_restart(pid: str, *, timeout: float | None = None) -> None:
     r = _http("POST", pid2url(pid) + "/api/system/restart", "AxeOS restart",
               timeout=timeout, no_retry_hint=True)
     _check_axeos(r, "AxeOS restart")
-    log.info("AxeOS restart of %s requested: %s", _redact(r.url), _snippet(r, 80))
+    log.debug("AxeOS restart of %s requested: %s", _redact(r.url), _snippet(r, 80))
 
 
 @dataclass(frozen=True)
@@ -2772,7 +2772,7 @@ class _UsageError(Exception):
 
 def _parser(cmd):
     import argparse
-    p = argparse.ArgumentParser(prog=f"mqbtt_{cmd}", description=COMMANDS[cmd].capitalize() + ".")
+    p = argparse.ArgumentParser(prog=f"mqbtt_{cmd}", description=COMMANDS[cmd][:1].upper() + COMMANDS[cmd][1:] + ".")
     p.add_argument("--version", action="version", version=f"mqbtt {__version__}",
                    help="Show version and exit.")
     return p
