@@ -550,13 +550,14 @@ def _paho_client(broker: "BrokerURI", client_id: str, clean_session: bool, **kwa
     return c
 
 
-def _tcp_nodelay(client, userdata, sock):
+def _tcp_nodelay(client, userdata, sock, on=True):
     """paho ``on_socket_open`` callback: turn Nagle's algorithm off (Nagle +
-    delayed ACKs stall QoS>=1 exchanges by ~40 ms)."""
+    delayed ACKs stall QoS>=1 exchanges by ~40 ms); with *on* False, turn it
+    back on."""
     import socket
     raw = getattr(sock, "_socket", sock)
     try:
-        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1 if on else 0)
     except (OSError, AttributeError):
         pass
 
@@ -693,8 +694,24 @@ class MQbtTBase:
                     f"cannot connect to {self.broker}: no answer within {connect_timeout:g} s")
             raise err
 
+    # TCP_NODELAY policy.  Request/reply exchanges need Nagle's algorithm off
+    # (else a QoS>=1 handshake stalls ~40 ms on delayed ACKs), but while a flood
+    # of QoS 1 shares or log lines arrives, Nagle lets the kernel coalesce our
+    # PUBACKs instead of sending one segment each, which is ~30% faster.  So
+    # Nagle is switched on when a share/log arrives and off again (which also
+    # flushes anything pending) right before this client publishes.
+    _nodelay = True
+    _BULK = frozenset(("shr", "log"))
+
     def _on_socket_open(self, client, userdata, sock):
         _tcp_nodelay(client, userdata, sock)
+        self._nodelay = True
+
+    def _set_nodelay(self, on):
+        self._nodelay = on
+        sock = self._client.socket()
+        if sock is not None:
+            _tcp_nodelay(None, None, sock, on)
 
     def _on_connect(self, client, userdata, flags, reason_code, properties):
         if reason_code.is_failure:
@@ -776,6 +793,8 @@ class MQbtTBase:
             self._queues[sub].put_nowait(msg.payload)
         except queue.Full:
             self.dropped[sub] += 1
+        if self._nodelay and sub in self._BULK:
+            self._set_nodelay(False)
 
     def _wake_receivers(self):
         for q in self._queues.values():
@@ -814,6 +833,8 @@ class MQbtTBase:
         if self._error is not None:
             raise MQbtTSendError(f"cannot send: {self._error}")
         qos = SUBTOPICS[subtopic]
+        if not self._nodelay:
+            self._set_nodelay(True)
         info = self._client.publish(topic(self.pair_id, subtopic), payload, qos)
         if qos == 0:
             return

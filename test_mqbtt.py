@@ -389,6 +389,20 @@ def test_tcp_nodelay_on_client_socket(broker):
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
 
 
+def test_nagle_follows_traffic(broker):
+    """Nagle on while a share flood arrives (PUBACKs coalesce), off before publishing."""
+    def nodelay(h):
+        return h._client.socket().getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    with MQbtTOptimizer(broker.uri, "ng") as opt, MQbtTMiner(broker.uri, "ng") as miner:
+        miner.send_share(Share(nonce=1))
+        opt.receive_share(timeout=10)
+        assert not nodelay(opt)
+        opt.send_request(Request(timestamp_min=1))
+        assert nodelay(opt)
+        assert miner.receive_request(timeout=10) == Request(timestamp_min=1)
+        assert nodelay(miner)
+
+
 def test_context_manager_and_stop_idempotent(broker):
     with MQbtTOptimizer(broker.uri, "cm") as opt:
         assert opt.connected
