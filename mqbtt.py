@@ -827,27 +827,39 @@ class MQbtTBase:
         return not self._queues[subtopic].empty()
 
     # -- sending --------------------------------------------------------------------
+    #: at most this many non-blocking sends may await the broker's
+    #: acknowledgement; more make the next send wait (paho's message ids are
+    #: 16-bit, so it cannot track more than 65535)
+    max_pending = 30000
+
     def _publish(self, subtopic, payload: bytes, blocking=True, timeout=None):
         if self._stopped:
             raise MQbtTSendError("cannot send: the client is stopped")
         if self._error is not None:
             raise MQbtTSendError(f"cannot send: {self._error}")
         qos = SUBTOPICS[subtopic]
+        if timeout is None:
+            timeout = self.send_timeout
+        pending = self._pending
+        while pending and pending[0]._published:
+            pending.popleft()
+        if len(pending) >= self.max_pending and not _wait_published(pending[0], timeout):
+            raise MQbtTSendTimeout(
+                f"{len(pending)} messages still wait for the broker {self.broker}'s "
+                f"acknowledgement after {timeout:g} s; not sending more")
         if not self._nodelay:
             self._set_nodelay(True)
         info = self._client.publish(topic(self.pair_id, subtopic), payload, qos)
         if qos == 0:
             return
-        pending = self._pending
-        while pending and pending[0].is_published_safe():
-            pending.popleft()
+        if info.rc == _MQTT_ERR_QUEUE_SIZE:
+            raise MQbtTSendError("cannot send: too many messages wait for the broker's "
+                                 "acknowledgement")
         if not blocking:
-            pending.append(_Pending(info))
+            pending.append(info)
             return
-        if timeout is None:
-            timeout = self.send_timeout
         if not _wait_published(info, timeout):
-            pending.append(_Pending(info))
+            pending.append(info)
             raise MQbtTSendTimeout(
                 f"the broker {self.broker} did not acknowledge the message on "
                 f"{topic(self.pair_id, subtopic)} within {timeout:g} s; it stays queued "
@@ -864,9 +876,9 @@ class MQbtTBase:
         acknowledged by the broker; return False on timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while self._pending:
-            p = self._pending[0]
+            info = self._pending[0]
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if not _wait_published(p.info, left):
+            if not _wait_published(info, left):
                 return False
             self._pending.popleft()
         return True
@@ -905,14 +917,8 @@ class MQbtTBase:
                 f"client_id={self.client_id!r} {state}>")
 
 
-class _Pending:
-    __slots__ = ("info",)
-
-    def __init__(self, info):
-        self.info = info
-
-    def is_published_safe(self):
-        return self.info._published
+#: paho's MQTTErrorCode.MQTT_ERR_QUEUE_SIZE (publish() could not queue the message)
+_MQTT_ERR_QUEUE_SIZE = 15
 
 
 def _wait_published(info, timeout) -> bool:
@@ -1122,7 +1128,9 @@ def run_echo(broker_uri: str, pair_id: str, out=None, count: int | None = None, 
 # Recording: SQLite database, recorder, dump and replay #######################
 ###############################################################################
 
-#: the columns of the ``messages`` table, in the documented order
+import datetime  # noqa: E402 - stdlib, already loaded by most programs; used in annotations
+
+#: the ``messages`` table, exactly as documented
 _SCHEMA = """CREATE TABLE IF NOT EXISTS messages (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     timestamp REAL NOT NULL,
@@ -1185,7 +1193,7 @@ class MQbtTRecord:
     id: int | None = None
     pair_id: str
     subtopic: str
-    timestamp: "datetime.datetime"
+    timestamp: datetime.datetime
     payload: bytes
     message: object = dataclasses.field(init=False, default=None, compare=False)
 
@@ -1874,7 +1882,8 @@ def dump(broker_uri: str, pair_id: str, mode: str, out=None, as_json: bool = Fal
     *mode* ``log`` receives ``log``, ``miner`` receives ``srv``,
     ``optimizer`` receives ``esp`` and ``shr``; in optimizer mode dump also
     listens to ``srv`` (without printing it) to show each reply's round-trip
-    time from the latest unanswered request.  It uses a random client id and
+    time from the latest unanswered request.  It subscribes at QoS 1 (receive
+    times are those of the PUBLISH packets).  It uses a random client id and
     a clean session, so it never kicks the real optimizer or miner off the
     broker and leaves nothing behind.  Returns after *count* messages (never
     if None) with the number printed; *ready* (a callable) is called once
@@ -1887,7 +1896,10 @@ def dump(broker_uri: str, pair_id: str, mode: str, out=None, as_json: bool = Fal
     broker = BrokerURI.parse(broker_uri if broker_uri is not None else default_broker())
     shown = DUMP_MODES[mode]
     listen = shown + (["srv"] if mode == "optimizer" else [])
-    subs = [(topic(pair_id, s), SUBTOPICS[s]) for s in listen]
+    # QoS 1 at most: with a clean session QoS 2 adds nothing (no redelivery
+    # within a connection) but delays each srv/esp message by a round trip
+    # (PUBREC/PUBREL), which would distort receive times and RTTs
+    subs = [(topic(pair_id, s), min(SUBTOPICS[s], 1)) for s in listen]
     q = queue.SimpleQueue()
 
     def on_message(client, userdata, msg):

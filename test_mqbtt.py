@@ -321,6 +321,20 @@ def test_order_preserved_and_nothing_lost(broker):
         assert not opt.has_share()
 
 
+def test_more_nonblocking_sends_than_message_ids():
+    """paho has 65535 message ids: mqbtt applies back-pressure instead of losing messages."""
+    n = 70000
+    with LocalBroker(extra="max_queued_messages 0") as b, \
+            MQbtTOptimizer(b.uri, "many") as opt, MQbtTMiner(b.uri, "many") as miner:
+        miner.max_pending = 5000
+        for i in range(n):
+            miner.send_share(Share(nonce=i), blocking=False)
+        assert miner.wait_sent(60)
+        got = [opt.receive_share(timeout=30).nonce for _ in range(n)]
+    assert len(set(got)) == n
+    print(f"\n[70000 non-blocking sends] sent={n} received={len(got)} lost={n - len(set(got))}")
+
+
 def test_restarted_optimizer_gets_replies_queued_while_away(broker):
     """clean_session=False + a stable client id: the broker queues replies for a stopped optimizer."""
     opt = MQbtTOptimizer(broker.uri, "rs")

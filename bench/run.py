@@ -219,12 +219,13 @@ def _preload(uri, topic, n, payload):
     b = mqbtt.BrokerURI.parse(uri)
     c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="")
     c.max_inflight_messages_set(1000)
+    c.max_queued_messages_set(0)
     c.connect(b.host, b.port)
     c.loop_start()
-    infos = [c.publish(topic, payload, 1) for _ in range(n)]
-    infos[-1].wait_for_publish(120)
-    for i in infos:
-        i.wait_for_publish(120)
+    for start in range(0, n, 20000):      # paho's 16-bit message ids: batches
+        infos = [c.publish(topic, payload, 1) for _ in range(min(20000, n - start))]
+        for i in infos:
+            i.wait_for_publish(120)
     c.disconnect()
     c.loop_stop()
 
