@@ -1955,7 +1955,6 @@ def replay(db_path: str, broker_uri: str, pair_id: str, to_pid: str | None = Non
         raise MQbtTError(f"no such database: {db_path}")
     broker = BrokerURI.parse(broker_uri if broker_uri is not None else default_broker())
     conn = _Connection(broker, f"mqbtt-replay-{os.urandom(6).hex()}", True, [], None, keepalive)
-    conn.client.max_inflight_messages_set(0)  # keep order, never throttle on our side
     conn.start(connect_timeout)
     n = 0
     pending = deque()
