@@ -629,7 +629,8 @@ class MQbtTBase:
         #: per-subtopic count of messages dropped because the queue was full
         self.dropped = {sub: 0 for sub, _ in subs}
         self._queues = {sub: queue.Queue(max_queue) for sub, _ in subs}
-        self._topics = {topic(self.pair_id, sub): sub for sub, _ in subs}
+        # keyed by the topic's bytes: paho's MQTTMessage.topic decodes them each time
+        self._topics = {topic(self.pair_id, sub).encode(): sub for sub, _ in subs}
         self._cond = threading.Condition()
         self._connected = False
         self._subscribed = False
@@ -786,7 +787,7 @@ class MQbtTBase:
         return {"opt": "optimizer", "esp": "miner"}.get(self._role, self._role)
 
     def _on_message(self, client, userdata, msg):
-        sub = self._topics.get(msg.topic)
+        sub = self._topics.get(getattr(msg, "_topic", None) or msg.topic.encode())
         if sub is None:
             return
         try:
@@ -1310,6 +1311,19 @@ class MQbtTDataBase:
                     self._timer.start()
             return cur.lastrowid
 
+    def _insert_many(self, rows) -> None:
+        """Insert ``(timestamp, pair_id, subtopic, payload)`` rows and commit
+        them, with the records inserted before (the recorder's path)."""
+        with self._lock:
+            self._check_open()
+            if self._pending == 0:
+                self._conn.execute("BEGIN")
+            self._conn.executemany(
+                "INSERT INTO messages (timestamp, pair_id, subtopic, message) VALUES (?, ?, ?, ?)",
+                rows)
+            self._pending += len(rows)
+            self.commit()
+
     def _timed_commit(self):
         with self._lock:
             self._timer = None
@@ -1763,13 +1777,14 @@ class Recorder:
                 unacked += 1
         import sqlite3
         stored = []
+        rows = []
+        for gen, mid, qos, t, payload, ts in batch:
+            where = _parse_topic(t)
+            if where is not None and where[1] in self.counts:
+                rows.append((ts, where[0], where[1], payload))
+                stored.append(where[1])
         try:
-            for gen, mid, qos, t, payload, ts in batch:
-                where = _parse_topic(t)
-                if where is not None and where[1] in self.counts:
-                    self._db._insert(ts, where[0], where[1], payload, autocommit=False)
-                    stored.append(where[1])
-            self._db.commit()
+            self._db._insert_many(rows)
         except sqlite3.Error as err:
             raise MQbtTError(f"cannot write to the database {self.db_path!r}: {err}") from None
         self.commits += 1

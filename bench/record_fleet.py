@@ -59,6 +59,14 @@ def main():
     ap.add_argument("--per-pair", type=int, default=200)
     ap.add_argument("--publishers", type=int, default=10)
     a = ap.parse_args()
+    rate, lost = run(a.pairs, a.per_pair, a.publishers, verbose=True)
+    return 0 if lost == 0 else 1
+
+
+def run(pairs=100, per_pair=200, publishers=10, verbose=False):
+    """Run the fleet once; return (messages/s sustained, messages lost)."""
+    from types import SimpleNamespace
+    a = SimpleNamespace(pairs=pairs, per_pair=per_pair, publishers=publishers)
     total = a.pairs * a.per_pair
     with LocalBroker(extra="max_queued_messages 0\nmax_queued_bytes 0") as broker, \
             tempfile.TemporaryDirectory() as tmp:
@@ -89,12 +97,13 @@ def main():
         distinct = con.execute("SELECT count(*) FROM (SELECT DISTINCT pair_id, subtopic, message "
                                "FROM messages)").fetchone()[0]
         con.close()
-        print(f"{a.pairs} pairs x {a.per_pair} messages = {total}: published in {t_pub:.2f} s, "
-              f"recorded in {t_rec:.2f} s -> {stored / t_rec:.0f} messages/s sustained; "
-              f"stored {stored}, distinct {distinct}, lost {total - distinct}, recorder exit {rec.returncode}")
-        return 0 if distinct == total else 1
+        if verbose:
+            print(f"{a.pairs} pairs x {a.per_pair} messages = {total}: published in {t_pub:.2f} s, "
+                  f"recorded in {t_rec:.2f} s -> {stored / t_rec:.0f} messages/s sustained; "
+                  f"stored {stored}, distinct {distinct}, lost {total - distinct}, "
+                  f"recorder exit {rec.returncode}")
+        return stored / t_rec, total - distinct
 
 
 if __name__ == "__main__":
-    import faulthandler; faulthandler.dump_traceback_later(float(os.environ.get("BENCH_FH", "1e9")))
     sys.exit(main())

@@ -306,6 +306,203 @@ def bench_shares(repeat, quick, broker):
 
 
 # ---------------------------------------------------------------------------
+# record: `mqbtt record` (ack after commit) vs a raw paho subscriber that counts
+# ---------------------------------------------------------------------------
+
+def _drain_raw_count(uri, cid, topic, n):
+    """Create a persistent session, let the caller preload, then count n messages."""
+    import paho.mqtt.client as mqtt
+    b = mqbtt.BrokerURI.parse(uri)
+    state = {"n": 0, "first": None, "last": None}
+    done = threading.Event()
+
+    def on_message(c, u, msg):
+        now = time.perf_counter()
+        if state["first"] is None:
+            state["first"] = now
+        state["n"] += 1
+        if state["n"] == n:
+            state["last"] = now
+            done.set()
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=cid, clean_session=False)
+    c.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, 1)
+    c.on_message = on_message
+    return c, state, done
+
+
+def _record_raw(uri, n, payload):
+    import paho.mqtt.client as mqtt  # noqa: F401
+    b = mqbtt.BrokerURI.parse(uri)
+    c, state, done = _drain_raw_count(uri, "raw-rec", "mqbtt/+/+", n)
+    ready = threading.Event()
+    c.on_subscribe = lambda *a: ready.set()
+    c.connect(b.host, b.port)
+    c.loop_start()
+    ready.wait(10)
+    c.disconnect()
+    c.loop_stop()
+    _preload(uri, "mqbtt/rec/shr", n, payload)
+    c, state, done = _drain_raw_count(uri, "raw-rec", "mqbtt/+/+", n)
+    t = time.perf_counter()
+    c.connect(b.host, b.port)
+    c.loop_start()
+    done.wait(120)
+    c.disconnect()
+    c.loop_stop()
+    return n / (time.perf_counter() - t)
+
+
+def bench_record(repeat, quick, broker):
+    import tempfile
+    n = 20000 if quick else 50000
+    ours, raw, lost, dups = [], [], 0, 0
+    with tempfile.TemporaryDirectory() as tmp:
+        for k in range(repeat):
+            # distinct payloads, so that loss and duplicates can be counted
+            payloads = [mqbtt.Share(nonce=i, job_id=f"{k}").to_bytes() for i in range(n)]
+            rate, lo, du, _ = _record_ours_distinct(broker.uri, payloads, tmp)
+            ours.append(rate)
+            lost += lo
+            dups += du
+            raw.append(_record_raw(broker.uri, n, payloads[0]))
+    report(f"mqbtt record, {n} queued QoS 1 messages", "msg/s", ours, raw, "≥ 0.8×", True, 0.8,
+           "raw paho counting")
+    info("mqbtt record: lost / duplicated", "msgs", [lost], f"(lost {lost}, duplicated {dups})")
+    if lost:
+        RESULTS.append(("mqbtt record zero loss", "msgs", [lost], [0], float("inf"), "0 lost", False, ""))
+
+
+def _record_ours_distinct(uri, payloads, tmp):
+    import sqlite3
+    n = len(payloads)
+    db = os.path.join(tmp, f"rec-{os.urandom(4).hex()}.db")
+    cmd = [PY, os.path.join(ROOT, "mqbtt.py"), "record", "--broker", uri, "--db", db,
+           "--client-id", "bench-rec-" + os.path.basename(db)]
+    p = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    p.stderr.readline()
+    p.send_signal(2)
+    p.wait(30)
+    _preload_many(uri, "mqbtt/rec/shr", payloads)
+    p = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    con = sqlite3.connect(db, timeout=30)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        try:
+            if con.execute("SELECT count(*) FROM messages").fetchone()[0] >= n:
+                break
+        except sqlite3.OperationalError:
+            pass
+        time.sleep(0.02)
+    p.send_signal(2)
+    p.wait(30)
+    stored, distinct = con.execute("SELECT count(*), count(DISTINCT message) FROM messages").fetchone()
+    first, last = con.execute("SELECT min(timestamp), max(timestamp) FROM messages").fetchone()
+    con.close()
+    return n / max(last - first, 1e-9), n - distinct, stored - distinct, None
+
+
+def _preload_many(uri, topic, payloads):
+    import paho.mqtt.client as mqtt
+    b = mqbtt.BrokerURI.parse(uri)
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="")
+    c.max_inflight_messages_set(1000)
+    c.max_queued_messages_set(0)
+    c.connect(b.host, b.port)
+    c.loop_start()
+    for start in range(0, len(payloads), 20000):
+        infos = [c.publish(topic, p, 1) for p in payloads[start:start + 20000]]
+        for i in infos:
+            i.wait_for_publish(120)
+    c.disconnect()
+    c.loop_stop()
+
+
+def bench_fleet(repeat, quick, broker):
+    sys.path.insert(0, HERE)
+    import record_fleet
+    rates, losts = [], []
+    for _ in range(1 if quick else repeat):
+        rate, lost = record_fleet.run(pairs=100, per_pair=100 if quick else 200, publishers=10)
+        rates.append(rate)
+        losts.append(lost)
+    info("fleet: 100 pairs publishing at once → mqbtt record", "msg/s", rates,
+         f"(lost: {sum(losts)})")
+    if sum(losts):
+        RESULTS.append(("fleet zero loss", "msgs", losts, [0], float("inf"), "0 lost", False, ""))
+
+
+# ---------------------------------------------------------------------------
+# query: MQbtTDataBase.records() vs the raw indexed sqlite3 query, 1,000,000 rows
+# ---------------------------------------------------------------------------
+
+def _make_db(path, rows):
+    import sqlite3
+    with mqbtt.MQbtTDataBase(path):
+        pass                                   # the schema and indices, as mqbtt makes them
+    con = sqlite3.connect(path)
+    share = mqbtt.Share(nonce=1, diff=1000.5, job_id="ab").to_bytes()
+    t0 = 1_750_000_000.0
+    subs = ("srv", "esp", "shr", "log")
+    payload = {"srv": mqbtt.Request(timestamp_min=1).to_bytes(),
+               "esp": mqbtt.Reply(num_shares=3).to_bytes(), "shr": share, "log": b"I (1) t: x"}
+    batch = []
+    for i in range(rows):
+        sub = subs[i % 4]
+        batch.append((t0 + i * 0.01, f"p{(i // 4) % 10}", sub, payload[sub]))
+        if len(batch) == 100000:
+            con.executemany("INSERT INTO messages (timestamp, pair_id, subtopic, message) "
+                            "VALUES (?, ?, ?, ?)", batch)
+            batch = []
+    if batch:
+        con.executemany("INSERT INTO messages (timestamp, pair_id, subtopic, message) "
+                        "VALUES (?, ?, ?, ?)", batch)
+    con.commit()
+    con.execute("ANALYZE")
+    con.close()
+    return t0
+
+
+def bench_query(repeat, quick):
+    import sqlite3
+    import tempfile
+    import tracemalloc
+    rows = 200_000 if quick else 1_000_000
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "q.db")
+        t0 = _make_db(path, rows)
+        lo, hi = t0 + rows * 0.01 * 0.25, t0 + rows * 0.01 * 0.75
+        sql = ("SELECT id, timestamp, pair_id, subtopic, message FROM messages WHERE pair_id = ? "
+               "AND subtopic = ? AND timestamp >= ? AND timestamp <= ? ORDER BY timestamp, id")
+        ours, raw, decoded = [], [], []
+        with mqbtt.MQbtTDataBase(path) as db:
+            con = sqlite3.connect(path)
+            for _ in range(repeat):
+                t = time.perf_counter()
+                n_raw = sum(1 for _ in con.execute(sql, ("p3", "shr", lo, hi)))
+                raw.append((time.perf_counter() - t) * 1000)
+                t = time.perf_counter()
+                n_ours = sum(1 for _ in db.records("p3", "shr", lo, hi))
+                ours.append((time.perf_counter() - t) * 1000)
+                t = time.perf_counter()
+                for r in db.records("p3", "shr", lo, hi):
+                    r.timestamp, r.message.diff
+                decoded.append((time.perf_counter() - t) * 1000)
+                assert n_raw == n_ours > 0
+            con.close()
+            tracemalloc.start()
+            n_all = 0
+            for r in db.records():
+                n_all += 1
+            peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+    report(f"records(pair, subtopic, time window) on {rows:,} rows ({n_ours:,} hits)", "ms",
+           ours, raw, "≤ 1.5×", False, 1.5, "raw sqlite3")
+    info("… reading every record's timestamp and decoded message too", "ms", decoded,
+         f"({med(decoded) / med(raw):.1f}× the raw query, which decodes nothing)")
+    info(f"peak Python memory iterating all {n_all:,} records", "KiB", [peak / 1024], "(flat: chunks of 1000 rows)")
+
+
+# ---------------------------------------------------------------------------
 # startup: mqbtt.pyz --version vs a shiv-built hello-world
 # ---------------------------------------------------------------------------
 
@@ -355,7 +552,8 @@ def bench_startup(repeat, quick):
 
 # ---------------------------------------------------------------------------
 
-BENCHES = {"codec": bench_codec, "rtt": bench_rtt, "shares": bench_shares, "startup": bench_startup}
+BENCHES = {"codec": bench_codec, "rtt": bench_rtt, "shares": bench_shares, "record": bench_record,
+           "fleet": bench_fleet, "query": bench_query, "startup": bench_startup}
 NEEDS_BROKER = {"rtt", "shares", "record", "fleet"}
 
 
