@@ -1208,6 +1208,38 @@ class MQbtTRecord:
             object.__setattr__(self, "payload", bytes(self.payload))
         object.__setattr__(self, "message", _try_decode(self.subtopic, self.payload))
 
+    @classmethod
+    def _from_row(cls, rid, ts, pair_id, subtopic, payload):
+        """A record of a database row; ``timestamp`` and ``message`` are
+        computed the first time they are read (see :meth:`__getattr__`)."""
+        obj = _new(cls)
+        obj.__dict__.update(id=rid, pair_id=pair_id, subtopic=subtopic, payload=payload, _ts=ts)
+        return obj
+
+    def __getattr__(self, name):
+        # only called for attributes missing from __dict__: the lazy fields of
+        # a record made by _from_row
+        d = self.__dict__
+        if "_ts" in d:
+            if name == "timestamp":
+                value = d["timestamp"] = _utc(d["_ts"])
+                return value
+            if name == "message":
+                value = d["message"] = _try_decode(d["subtopic"], d["payload"])
+                return value
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __getstate__(self):
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+
+
+# the generated __init__ keeps the defaults; class attributes holding them would
+# hide the lazy fields of records read from a database from __getattr__
+del MQbtTRecord.id, MQbtTRecord.message
+
 
 class MQbtTDataBase:
     """A SQLite database for MQbtT messages.
@@ -1415,11 +1447,11 @@ class MQbtTDataBase:
                     rows = cur.fetchmany(1000)
                 if not rows:
                     return
+                from_row = MQbtTRecord._from_row
                 for rid, ts, pid, sub, payload in rows:
-                    if not isinstance(payload, bytes):  # a row written as TEXT by another tool
+                    if payload.__class__ is not bytes:  # a row written as TEXT by another tool
                         payload = payload.encode("utf-8") if isinstance(payload, str) else bytes(payload or b"")
-                    yield MQbtTRecord(id=rid, pair_id=pid, subtopic=sub, timestamp=_utc(ts),
-                                      payload=payload)
+                    yield from_row(rid, ts, pid, sub, payload)
         finally:
             cur.close()
 
