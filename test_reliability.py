@@ -478,6 +478,15 @@ def _flood(broker, n, pid, payload_of, pace=0.002):
     return t, infos, pub
 
 
+def _finish_flood(t, infos, pub, db, n):
+    """Wait until the flood is published, acknowledged and entirely recorded."""
+    t.join(60)
+    wait_for(lambda: all(i._published for i in infos), 60, "the publisher's flood acknowledged")
+    wait_for(lambda: len({m for _, _, m, _ in rows(db)}) >= n, 60, "every message recorded")
+    pub.disconnect()
+    pub.loop_stop()
+
+
 def test_recorder_survives_broker_restart_mid_stream(tmp_path):
     b = LocalBroker(persistence=True, extra="max_queued_messages 0").start()
     db = str(tmp_path / "restart.db")
@@ -488,14 +497,10 @@ def test_recorder_survives_broker_restart_mid_stream(tmp_path):
         t, infos, pub = _flood(b, n, "brr", payload)
         wait_for(lambda: count_rows(db) >= n // 3, 30, "a third recorded")
         b.restart()
-        t.join(60)
-        wait_for(lambda: all(i._published for i in infos), 60, "the publisher's flood acknowledged")
-        wait_for(lambda: len({m for _, _, m, _ in rows(db)}) >= n, 60, "every message recorded")
+        _finish_flood(t, infos, pub, db, n)
         rec.wait_err(r"reconnected")
         rec.p.send_signal(__import__("signal").SIGINT)
         assert rec.wait() == 0
-        pub.disconnect()
-        pub.loop_stop()
     finally:
         rec.kill()
         b.cleanup()
@@ -523,13 +528,9 @@ def test_recorder_sigkilled_at_random_moments(tmp_path):
             assert rec.wait() == -9
             kills.append(count_rows(db))
             rec = start_recorder(b, db)                 # the same command line
-        t.join(60)
-        wait_for(lambda: all(i._published for i in infos), 60, "the publisher's flood acknowledged")
-        wait_for(lambda: len({m for _, _, m, _ in rows(db)}) >= n, 60, "every message recorded")
+        _finish_flood(t, infos, pub, db, n)
         rec.p.send_signal(signal.SIGTERM)
         assert rec.wait() == 0
-        pub.disconnect()
-        pub.loop_stop()
     finally:
         rec.kill()
         b.cleanup()
