@@ -1984,7 +1984,8 @@ def dump(broker_uri: str, pair_id: str, mode: str, out=None, as_json: bool = Fal
 
 def replay(db_path: str, broker_uri: str, pair_id: str, to_pid: str | None = None,
            speed: float = 1.0, *, min_timestamp=None, max_timestamp=None,
-           keepalive: int = 60, connect_timeout: float = 10.0, send_timeout: float = 60.0) -> int:
+           keepalive: int = 60, connect_timeout: float = 10.0, send_timeout: float = 60.0,
+           connected=None) -> int:
     """Republish a recorded pair's messages with their original timing.
 
     The messages of *pair_id* in *db_path* (optionally between *min_timestamp*
@@ -1992,7 +1993,8 @@ def replay(db_path: str, broker_uri: str, pair_id: str, to_pid: str | None = Non
     ``mqbtt/<to_pid>/<subtopic>`` (*to_pid* defaults to *pair_id*) at the QoS
     of their subtopic, the gaps between them divided by *speed* (``0``: as
     fast as possible).  Returns the number of messages published, once the
-    broker acknowledged all of them.
+    broker acknowledged all of them.  *connected*, if given, is called once
+    the broker accepted the connection.
     """
     if not isinstance(speed, (int, float)) or speed < 0:
         raise ValueError(f"speed must be a non-negative number, not {speed!r}")
@@ -2003,6 +2005,8 @@ def replay(db_path: str, broker_uri: str, pair_id: str, to_pid: str | None = Non
     broker = BrokerURI.parse(broker_uri if broker_uri is not None else default_broker())
     conn = _Connection(broker, f"mqbtt-replay-{os.urandom(6).hex()}", True, [], None, keepalive)
     conn.start(connect_timeout)
+    if connected is not None:
+        connected()
     n = 0
     pending = deque()
 
@@ -2956,9 +2960,9 @@ def _cmd_replay(argv):
     if not a.speed >= 0 or a.speed == float("inf"):
         p.error("--speed must be a non-negative number")
     to = a.to_pid or a.pid
-    print(f"mqbtt replay: publishing pair {a.pid!r} of {a.db} as {to!r} at speed {a.speed:g}",
-          file=sys.stderr, flush=True)
-    n = replay(a.db, a.broker, a.pid, a.to_pid, a.speed)
+    n = replay(a.db, a.broker, a.pid, a.to_pid, a.speed, connected=lambda: print(
+        f"mqbtt replay: publishing pair {a.pid!r} of {a.db} as {to!r} at speed {a.speed:g}",
+        file=sys.stderr, flush=True))
     print(f"mqbtt replay: {n} messages published", file=sys.stderr, flush=True)
     return 0
 

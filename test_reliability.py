@@ -170,16 +170,23 @@ def test_client_cut_off_longer_than_keepalive_gets_queued_messages(broker):
         proxy.close()
 
 
-def test_cli_fails_fast_when_broker_unreachable():
+def test_cli_fails_fast_when_broker_unreachable(tmp_path):
     """Documented choice: every MQTT command fails fast (one line, exit 1) when the
     first connection fails; once connected, it reconnects by itself."""
     port = free_port()
-    for args in (["echo", "x"],):
-        r = subprocess.run([os.sys.executable, "mqbtt.py", *args, "--broker", f"mqtt://127.0.0.1:{port}"],
-                           capture_output=True, text=True, timeout=30,
-                           cwd=os.path.dirname(os.path.abspath(__file__)))
-        assert r.returncode == 1
-        assert r.stderr.count("\n") == 1 and "Connection refused" in r.stderr
+    root = os.path.dirname(os.path.abspath(__file__))
+    db = str(tmp_path / "failfast.db")
+    with mqbtt.MQbtTDataBase(db) as d:       # replay needs something to replay
+        d.insert(mqbtt.MQbtTRecord(pair_id="x", subtopic="log", timestamp=time.time(), payload=b"l"))
+    for args in (["echo", "x"], ["dump", "--pid", "x"], ["record", "--db", db],
+                 ["replay", "--db", db, "--pid", "x"]):
+        t = time.monotonic()
+        r = subprocess.run([os.sys.executable, "mqbtt.py", *args, "--broker",
+                            f"mqtt://127.0.0.1:{port}"], capture_output=True, text=True,
+                           timeout=30, cwd=root)
+        assert r.returncode == 1, (args, r.stderr)
+        assert r.stderr.count("\n") == 1 and "Connection refused" in r.stderr, (args, r.stderr)
+        assert time.monotonic() - t < 10
 
 
 # ---------------------------------------------------------------------------
