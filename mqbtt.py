@@ -201,6 +201,9 @@ class Kind(enum.IntEnum):
     BYE = 3
 
 
+_KINDS = frozenset(Kind) | frozenset(map(int, Kind))
+
+
 @dataclass(frozen=True, kw_only=True)
 class Request:
     """Request message sent by the optimizer to the miner.
@@ -260,6 +263,9 @@ class Reply:
 
         :returns: The serialized protobuf representation of the reply.
         :raises ValueError: if a field is out of range or of the wrong type."""
+        if self.kind not in _KINDS:
+            raise ValueError(f"cannot serialize {self!r}: kind must be one of "
+                             f"{', '.join(k.name for k in Kind)}")
         return _serialize(self, "Reply", kind=int(self.kind), num_shares=self.num_shares,
                           new_block=self.new_block)
 
@@ -418,6 +424,12 @@ def check_pair_id(pair_id) -> str:
     bad = [c for c in "/+#\x00" if c in pair_id]
     if bad:
         raise ValueError(f"invalid pair id {pair_id!r}: it must not contain {' '.join(map(repr, bad))}")
+    if not pair_id.isprintable():
+        raise ValueError(f"invalid pair id {pair_id!r}: it must not contain control characters")
+    try:
+        pair_id.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"invalid pair id {pair_id!r}: it is not valid text (UTF-8)") from None
     return pair_id
 
 
@@ -455,7 +467,12 @@ class BrokerURI:
             u = urlsplit(text)
             port = u.port
         except ValueError as err:
-            raise ValueError(f"invalid broker URI {_redact(uri)!r}: {err}") from None
+            # urllib's message may quote part of a password: never show it
+            reason = ("port out of range 1-65535" if "out of range" in str(err) else
+                      "invalid port or address (percent-encode / ? # @ in a password)")
+            raise ValueError(f"invalid broker URI {_redact(uri)!r}: {reason}") from None
+        if port == 0:
+            raise ValueError(f"invalid broker URI {_redact(uri)!r}: port out of range 1-65535")
         scheme = u.scheme.lower()
         if scheme in ("tcp",):
             scheme = "mqtt"
@@ -495,9 +512,18 @@ class BrokerURI:
 
 
 def _redact(uri: str) -> str:
-    """*uri* with any password replaced by ``***``."""
-    import re
-    return re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1***@", str(uri))
+    """*uri* with any password replaced by ``***``: everything between the
+    first ``:`` of the user information and its last ``@`` (a password may
+    itself contain ``/``, ``@``, ``#`` or ``?``)."""
+    uri = str(uri)
+    scheme, sep, rest = uri.partition("//")
+    if not sep:
+        scheme, rest = "", uri
+    userinfo, at, hostpart = rest.rpartition("@")
+    if not at or ":" not in userinfo:
+        return uri
+    user = userinfo.split(":", 1)[0]
+    return f"{scheme}{sep}{user}:***@{hostpart}"
 
 
 def default_broker() -> str:
@@ -680,14 +706,18 @@ class MQbtTBase:
             raise MQbtTConnectionError(f"cannot connect to {self.broker}: {_describe(err)}") from None
         c.loop_start()
         deadline = time.monotonic() + connect_timeout
-        with self._cond:
-            while not (self._subscribed or self._error):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._cond.wait(left)
-            ok = self._subscribed and not self._error
-            err = self._error
+        try:
+            with self._cond:
+                while not (self._subscribed or self._error):
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+                ok = self._subscribed and not self._error
+                err = self._error
+        except BaseException:   # Ctrl-C while connecting: leave no client running
+            self._shutdown(wait=False)
+            raise
         if not ok:
             self._shutdown(wait=False)
             if err is None:
@@ -720,8 +750,10 @@ class MQbtTBase:
                 f"broker {self.broker} refused the connection of client id "
                 f"{self.client_id!r}: {reason_code}")
             with self._cond:
-                fatal = self._error is None
-                self._error = err
+                # while the constructor waits, it raises the error itself
+                fatal = self._error is None and self.connections > 0
+                if self._error is None:
+                    self._error = err
                 self._cond.notify_all()
             if fatal:
                 log.error("%s; giving up (no retry on refused credentials)", err)
@@ -898,11 +930,14 @@ class MQbtTBase:
     def _shutdown(self, wait=True):
         with self._cond:
             self._stopped = True
+            if self._error is None:
+                self._error = MQbtTConnectionError("the client is stopped")
         try:
             self._client.disconnect()
         except Exception:  # pragma: no cover - paho raises nothing here normally
             pass
         self._client.loop_stop()
+        self._wake_receivers()   # a receive blocked in another thread raises
 
     close = stop
 
@@ -1453,7 +1488,10 @@ class MQbtTDataBase:
                         payload = payload.encode("utf-8") if isinstance(payload, str) else bytes(payload or b"")
                     yield from_row(rid, ts, pid, sub, payload)
         finally:
-            cur.close()
+            try:
+                cur.close()
+            except Exception:   # the database was closed before the generator
+                pass
 
     def count(self, pair_id: str | None = None, subtopic: str | None = None) -> int:
         """The number of stored messages (optionally of one pair and/or subtopic)."""
@@ -1564,7 +1602,8 @@ def recorder_client_id(broker_uri: str, db_path: str) -> str:
     different databases."""
     import hashlib
     key = f"{_host_tag()}|{BrokerURI.parse(broker_uri)}|{os.path.realpath(os.fspath(db_path))}"
-    return "mqbtt-rec-" + hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
+    # surrogateescape: a Linux file name need not be UTF-8
+    return "mqbtt-rec-" + hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
 
 class _Connection:
@@ -1599,14 +1638,18 @@ class _Connection:
             raise MQbtTConnectionError(f"cannot connect to {self.broker}: {_describe(err)}") from None
         c.loop_start()
         deadline = time.monotonic() + timeout
-        with self.cond:
-            while not (self.subscribed or self.error):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self.cond.wait(min(left, 0.25))
-            err = self.error
-            ok = self.subscribed and err is None
+        try:
+            with self.cond:
+                while not (self.subscribed or self.error):
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self.cond.wait(min(left, 0.25))
+                err = self.error
+                ok = self.subscribed and err is None
+        except BaseException:   # Ctrl-C while connecting: leave no client running
+            self.stop()
+            raise
         if not ok:
             self.stop()
             raise err or MQbtTConnectionError(
@@ -1907,12 +1950,16 @@ def format_dump(ts: float, subtopic: str, payload: bytes, rtt: float | None = No
             obj["error"] = err
         if rtt is not None:
             obj["rtt"] = rtt
-        return json.dumps(obj, ensure_ascii=False)
+        if isinstance(obj["message"], dict):   # JSON has no NaN or infinity: say it as text
+            obj["message"] = {k: (str(v) if isinstance(v, float) and v != v or v in (
+                float("inf"), float("-inf")) else v) for k, v in obj["message"].items()}
+        return json.dumps(obj, ensure_ascii=False, allow_nan=False)
     stamp = when.strftime("%Y-%m-%d %H:%M:%S.") + f"{when.microsecond // 1000:03d}" + when.strftime("%z")
     if message is None:
         text = f"undecodable {len(payload)} bytes: {bytes(payload).hex()}"
     elif subtopic == "log":
-        text = message
+        # one line per message: no terminal escapes or line breaks from the wire
+        text = message if message.isprintable() else repr(message)[1:-1]
     else:
         text = repr(message)
     if rtt is not None:
@@ -2028,7 +2075,12 @@ def replay(db_path: str, broker_uri: str, pair_id: str, to_pid: str | None = Non
                     if delay > 0:
                         time.sleep(delay)
                 qos = SUBTOPICS[rec.subtopic]
+                if len(pending) >= MQbtTBase.max_pending:   # paho's ids are 16-bit
+                    wait(pending.popleft())
                 info = conn.client.publish(topic(to_pid, rec.subtopic), rec.payload, qos)
+                if info.rc == _MQTT_ERR_QUEUE_SIZE:
+                    raise MQbtTSendError("cannot replay: too many messages wait for the "
+                                         "broker's acknowledgement")
                 n += 1
                 if qos == 2:
                     # the broker forwards a QoS 2 message only on PUBREL: without
@@ -2381,7 +2433,8 @@ def o2_history(pid: str, detail: str, *, timeout: float | None = None, **fields)
               "source": "mqbtt", "mqbtt_version": __version__}
     record.update(fields)
     url = f"{s.url}/api/{quote(s.org, safe='')}/{quote(s.stream, safe='')}/_json"
-    auth = (s.user, s.password or "") if s.user else None
+    # requests would encode the credentials as Latin-1; UTF-8 bytes serve every password
+    auth = (s.user.encode("utf-8"), (s.password or "").encode("utf-8")) if s.user else None
     try:
         r = _http("POST", url, "OpenObserve history", timeout=timeout, auth=auth,
                   json_body=[record])
@@ -2730,14 +2783,16 @@ def _fetch(url: str, timeout: float, out=None) -> bytes:
         with requests.get(url, timeout=timeout, stream=out is not None,
                           headers={"User-Agent": f"mqbtt/{__version__}"}) as r:
             if r.status_code != 200:
-                raise MQbtTError(f"cannot download {url}: HTTP {r.status_code} {r.reason}")
+                raise MQbtTError(f"cannot download {_redact(url)}: HTTP {r.status_code} {r.reason}")
             if out is None:
                 return r.content
             for chunk in r.iter_content(1 << 16):
                 out.write(chunk)
             return b""
+    except requests.Timeout:
+        raise MQbtTError(f"cannot download {_redact(url)}: no answer within {timeout:g} s") from None
     except requests.RequestException as err:
-        raise MQbtTError(f"cannot download {url}: {err.__class__.__name__}: {err}") from None
+        raise MQbtTError(f"cannot download {_redact(url)}: {_net_reason(err)[1]}") from None
 
 
 def _zipapp_version(path: str, timeout: float = 120) -> str:
@@ -2861,8 +2916,27 @@ def _parser(cmd):
     return p
 
 
+def _broker_arg(text):
+    """argparse type: a valid broker URI (else a usage error, exit 2)."""
+    import argparse
+    try:
+        BrokerURI.parse(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
+def _pid_arg(text):
+    """argparse type: a valid pair id (else a usage error, exit 2)."""
+    import argparse
+    try:
+        return check_pair_id(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def _add_broker(p):
-    p.add_argument("--broker", metavar="URI", default=default_broker(),
+    p.add_argument("--broker", metavar="URI", default=default_broker(), type=_broker_arg,
                    help=f"MQTT broker (host, mqtt://, mqtts://, ws://, wss://), "
                         f"default: $MQBTT_BROKER or {DEFAULT_BROKER}")
 
@@ -2870,8 +2944,8 @@ def _add_broker(p):
 def _cmd_echo(argv):
     p = _parser("echo")
     _add_broker(p)
-    p.add_argument("--pid", metavar="TEXT", help="Pair identifier")
-    p.add_argument("pair_id", nargs="?", help="Pair identifier (same as --pid)")
+    p.add_argument("--pid", metavar="TEXT", type=_pid_arg, help="Pair identifier")
+    p.add_argument("pair_id", nargs="?", type=_pid_arg, help="Pair identifier (same as --pid)")
     p.add_argument("--count", type=int, metavar="N", help="exit after answering N requests")
     a = p.parse_args(argv)
     pid = a.pid or a.pair_id
@@ -3150,7 +3224,7 @@ def main(argv: list | None = None, prog: str | None = None) -> int:
     cmd = _command_from_argv0(prog if prog is not None else sys.argv[0])
     if cmd is None:
         if not argv or argv[0] in ("-h", "--help", "help"):
-            print(_top_usage())
+            print(_top_usage(), file=sys.stdout if argv else sys.stderr)
             return 0 if argv else 2
         if argv[0] == "--version":
             print(f"mqbtt {__version__}")

@@ -240,6 +240,14 @@ def test_broker_uri_forms(uri, expect):
     assert (b.scheme, b.host, b.port, b.tls, b.transport) == expect
 
 
+@pytest.mark.parametrize("uri", ["mqtt://alice:s3cr/et@x@127.0.0.1:5", "mqtt://alice:pa#s3cr@127.0.0.1:5",
+                                 "mqtt://alice:pa?s3cr@127.0.0.1:5", "mqtt://alice:s3cr@h:99999"])
+def test_bad_broker_uri_never_quotes_the_password(uri):
+    with pytest.raises(ValueError) as e:
+        mqbtt.BrokerURI.parse(uri)
+    assert "s3cr" not in str(e.value) and "alice:***@" in str(e.value)
+
+
 def test_broker_uri_credentials_never_shown():
     b = mqbtt.BrokerURI.parse("mqtts://alice:s3cr%40t@h:8883?cafile=/etc/ca.pem")
     assert (b.username, b.password, b.cafile) == ("alice", "s3cr@t", "/etc/ca.pem")
@@ -255,7 +263,8 @@ def test_bad_broker_uri(uri):
         mqbtt.BrokerURI.parse(uri)
 
 
-@pytest.mark.parametrize("pid", ["", "a/b", "a+", "#", "x\x00", None, 3])
+@pytest.mark.parametrize("pid", ["", "a/b", "a+", "#", "x\x00", None, 3, "a\nb", "\x1b[2J",
+                                 "bad\udcff"])
 def test_bad_pair_id_refused_before_connecting(pid):
     with pytest.raises(ValueError):
         MQbtTOptimizer("mqtt://127.0.0.1:1", pid, connect_timeout=0.1)
@@ -417,6 +426,49 @@ def test_nagle_follows_traffic(broker):
         assert nodelay(miner)
 
 
+def test_stop_wakes_blocked_receivers(broker):
+    opt = MQbtTOptimizer(broker.uri, "wk")
+    errors = []
+
+    def receive():
+        try:
+            opt.receive_reply()
+        except MQbtTConnectionError as err:
+            errors.append(err)
+    t = threading.Thread(target=receive)
+    t.start()
+    wait_for(lambda: opt._queues["esp"].not_empty._waiters if hasattr(
+        opt._queues["esp"].not_empty, "_waiters") else True, what="the receiver to block")
+    opt.stop()
+    t.join(10)
+    assert not t.is_alive() and "stopped" in str(errors[0])
+    with pytest.raises(MQbtTConnectionError):
+        opt.receive_reply()                      # after stop: an error, not a hang
+    with pytest.raises(MQbtTConnectionError):
+        opt.receive_share(timeout=5)
+
+
+def test_ctrl_c_while_connecting_leaves_no_client_thread():
+    import _thread
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(5)
+    try:
+        threading.Timer(0.5, _thread.interrupt_main).start()
+        with pytest.raises(KeyboardInterrupt):
+            MQbtTOptimizer(f"mqtt://127.0.0.1:{srv.getsockname()[1]}", "kb", connect_timeout=10)
+        wait_for(lambda: not [t for t in threading.enumerate() if "mqbtt-opt-kb" in t.name],
+                 what="the paho thread to end")
+    finally:
+        srv.close()
+
+
+def test_reply_kind_outside_kind_is_refused_by_the_sender():
+    with pytest.raises(ValueError):
+        Reply(kind=7).to_bytes()
+    assert Reply.from_bytes(Reply(kind=2).to_bytes()).kind is Kind.RESET
+
+
 def test_context_manager_and_stop_idempotent(broker):
     with MQbtTOptimizer(broker.uri, "cm") as opt:
         assert opt.connected
@@ -484,6 +536,9 @@ def test_credentials_accepted_and_refused(auth_broker, caplog):
     with pytest.raises(MQbtTConnectionError):
         MQbtTOptimizer(f"mqtt://127.0.0.1:{port}", "au", connect_timeout=10)
     assert "wrong-pw" not in caplog.text and "s3cret" not in caplog.text
+    r = subprocess.run([PY, "mqbtt.py", "echo", "--broker", f"mqtt://alice:wrong-pw@127.0.0.1:{port}",
+                        "au"], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "Not authorized" in r.stderr, r.stderr
 
 
 # ---------------------------------------------------------------------------
@@ -644,7 +699,7 @@ def test_echo_errors_are_one_line(broker):
     assert len(r.stderr.strip().splitlines()) == 1 and "refused" in r.stderr
     r = subprocess.run([PY, "mqbtt.py", "echo", "--broker", broker.uri, "a/b"],
                        cwd=ROOT, capture_output=True, text=True, timeout=30)
-    assert r.returncode == 1 and "invalid pair id" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "invalid pair id" in r.stderr and "Traceback" not in r.stderr
     r = subprocess.run([PY, "mqbtt.py", "echo"], cwd=ROOT, capture_output=True, text=True, timeout=30)
     assert r.returncode == 2 and "pair id is required" in r.stderr
 

@@ -575,3 +575,48 @@ def test_analysis_notebook_executes(broker, tmp_path, monkeypatch):
     assert f"pair 'nb01', {len(sent)} messages" in text and "0 undecodable" in text
     assert re.search(r"median \d+\.\d ms", text)
     nbformat.write(nb, str(tmp_path / "Analysis.executed.ipynb"))
+
+
+# -- regressions from review ---------------------------------------------------------------
+
+def test_dump_line_escapes_control_characters():
+    line = mqbtt.format_dump(0.0, "log", b"first\nsecond\r\x1b[2Jthird")
+    assert "\n" not in line and "\x1b" not in line and r"first\nsecond\r\x1b[2Jthird" in line
+    obj = json.loads(mqbtt.format_dump(0.0, "shr", mqbtt.Share(diff=float("nan")).to_bytes(),
+                                       as_json=True))
+    assert obj["message"]["diff"] == "nan"
+
+
+def test_abandoned_records_generator_after_close_is_silent(tmp_path):
+    db = tmp_path / "g.db"
+    with mqbtt.MQbtTDataBase(str(db)) as d:
+        for i in range(3):
+            d.insert(mqbtt.MQbtTRecord(pair_id="p", subtopic="log", timestamp=i, payload=b"x"))
+    code = ("import mqbtt\n"
+            f"with mqbtt.MQbtTDataBase({str(db)!r}) as db:\n"
+            "    it = db.records()\n"
+            "    for r in it:\n"
+            "        break\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 0 and r.stderr == ""
+
+
+def test_recorder_client_id_for_a_non_utf8_path(tmp_path):
+    path = os.fsdecode(os.fsencode(str(tmp_path)) + b"/\xff.db")
+    cid = mqbtt.recorder_client_id("mqtt://127.0.0.1:1883", path)
+    assert cid.startswith("mqbtt-rec-") and cid == mqbtt.recorder_client_id("127.0.0.1", path)
+
+
+def test_replay_applies_back_pressure(broker, tmp_path, monkeypatch):
+    """More QoS 1 messages than may wait for acknowledgement (paho ids are 16-bit)."""
+    monkeypatch.setattr(mqbtt.MQbtTBase, "max_pending", 50)
+    db = str(tmp_path / "bp.db")
+    n = 600
+    with mqbtt.MQbtTDataBase(db) as d:
+        for i in range(n):
+            d.insert(mqbtt.MQbtTRecord(pair_id="bp", subtopic="shr", timestamp=1000 + i,
+                                       payload=mqbtt.Share(nonce=i).to_bytes()))
+    with mqbtt.MQbtTOptimizer(broker.uri, "bp2") as opt:
+        assert mqbtt.replay(db, broker.uri, "bp", "bp2", speed=0) == n
+        assert [opt.receive_share(timeout=10).nonce for _ in range(n)] == list(range(n))

@@ -573,3 +573,11 @@ def test_recorder_stores_fuzz_payloads_byte_exact(broker, tmp_path):
         decoded = sum(r.message is not None for r in d.records())
     print(f"\n[recorder fuzz] {len(sent)} payloads sent, {len(stored)} stored byte-exact, "
           f"{decoded} decode, {len(stored) - decoded} kept as raw bytes")
+
+
+def test_upgrade_errors_never_show_url_credentials():
+    url = f"http://u:SECRETTOKEN@127.0.0.1:{free_port()}"
+    with pytest.raises(mqbtt.MQbtTError) as e:
+        mqbtt._fetch(url + "/mqbtt.pyz.sha256", 5)
+    assert "SECRETTOKEN" not in str(e.value) and "u:***@" in str(e.value)
+    assert "\n" not in str(e.value)

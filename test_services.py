@@ -493,6 +493,19 @@ class TestO2History:
         assert record["event"] == "restart" and record["source"] == "mqbtt"
         assert before <= record["_timestamp"] <= int(time.time() * 1e6)
 
+    def test_non_latin1_password(self, config, monkeypatch):
+        """Basic auth carries the password as UTF-8 (requests alone would fail on it)."""
+        password = "pässwörd€secret"
+        server = FakeO2(password=password)
+        try:
+            monkeypatch.setenv("MQBTT_O2_URL", server.url)
+            monkeypatch.setenv("MQBTT_O2_USER", O2_USER)
+            monkeypatch.setenv("MQBTT_O2_PASSWORD", password)
+            mqbtt.o2_history("gamma01", "utf-8 password")
+            assert len(server.received) == 1
+        finally:
+            server.close()
+
     def test_environment_overrides_the_file(self, config, o2, monkeypatch):
         config("[openobserve]\nurl = http://127.0.0.1:1\nuser = nobody\npassword = wrong\n")
         monkeypatch.setenv("MQBTT_O2_URL", o2.url)
