@@ -588,6 +588,134 @@ def _tcp_nodelay(client, userdata, sock, on=True):
         pass
 
 
+class _Connection:
+    """One MQTT connection: a paho client connected once synchronously (so
+    that a failure is reported with its cause), then kept connected by paho's
+    loop thread, re-subscribing to *subscriptions* on every CONNACK.  Used by
+    the pair classes, the recorder, dump and replay.
+
+    :param notify: called with a one-line text on disconnections and
+      reconnections (default: ``log.info``).
+    :param on_fatal: called with the error when, after :meth:`start`
+      returned, the broker refuses the credentials (then no more retries) or
+      a subscription.
+    :param on_drop: called with the seconds the lost connection lasted.
+    :param kwargs: more :class:`paho.mqtt.client.Client` arguments (``manual_ack``).
+    """
+
+    def __init__(self, broker: BrokerURI, client_id: str, clean_session: bool,
+                 subscriptions: list, on_message, keepalive=60, notify=None, *,
+                 on_fatal=None, on_drop=None, **kwargs):
+        self.broker = broker
+        self.notify = notify or log.info
+        self.on_fatal = on_fatal
+        self.on_drop = on_drop
+        self.stopping = False
+        self.started = False
+        self.client_id = client_id
+        self.subscriptions = subscriptions
+        self.keepalive = keepalive
+        self.cond = threading.Condition()
+        self.generation = 0       # number of CONNACKs so far
+        self.connected = False
+        self.connected_at = 0.0
+        self.subscribed = False
+        self.error = None
+        self.client = c = _paho_client(broker, client_id, clean_session, **kwargs)
+        c.on_connect = self._on_connect
+        c.on_subscribe = self._on_subscribe
+        c.on_disconnect = self._on_disconnect
+        c.on_message = on_message
+
+    def start(self, timeout=10.0):
+        """Connect and subscribe, or raise :exc:`MQbtTConnectionError` within *timeout* s."""
+        c = self.client
+        try:
+            c.connect(self.broker.host, self.broker.port, self.keepalive)
+        except Exception as err:  # OSError, ssl.SSLError, websocket errors, ValueError
+            self.stop()
+            raise MQbtTConnectionError(f"cannot connect to {self.broker}: {_describe(err)}") from None
+        c.loop_start()
+        deadline = time.monotonic() + timeout
+        try:
+            with self.cond:
+                while not (self.subscribed or self.error):
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self.cond.wait(left)
+                err = self.error
+                ok = self.subscribed and err is None
+                self.started = ok
+        except BaseException:   # Ctrl-C while connecting: leave no client running
+            self.stop()
+            raise
+        if not ok:
+            self.stop()
+            raise err or MQbtTConnectionError(
+                f"cannot connect to {self.broker}: no answer within {timeout:g} s")
+
+    def _fail(self, err):
+        with self.cond:
+            fatal = self.started and self.error is None
+            if self.error is None:
+                self.error = err
+            self.cond.notify_all()
+        if fatal:   # before start() returned, start() raises it instead
+            if self.on_fatal is not None:
+                self.on_fatal(err)
+            else:
+                log.error("%s", err)
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties):
+        if reason_code.is_failure:
+            client.disconnect()
+            self._fail(MQbtTConnectionError(
+                f"broker {self.broker} refused the connection of client id "
+                f"{self.client_id!r}: {reason_code} (not retrying)"))
+            return
+        with self.cond:
+            self.generation += 1
+            self.connected = True
+            self.connected_at = time.monotonic()
+            self.cond.notify_all()
+        if self.generation > 1:
+            self.notify(f"reconnected to {self.broker} (session present: {flags.session_present})")
+        if self.subscriptions:
+            client.subscribe(self.subscriptions)
+        else:
+            self._on_subscribe(client, userdata, 0, [], None)
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties):
+        bad = [(t, rc) for (t, _), rc in zip(self.subscriptions, reason_codes) if rc.is_failure]
+        if bad:
+            self._fail(MQbtTSubscribeError(
+                f"broker {self.broker} refused subscription(s) "
+                + ", ".join(f"{t} ({rc})" for t, rc in bad)
+                + " — do these credentials have access to this pair?"))
+        with self.cond:
+            self.subscribed = True
+            self.cond.notify_all()
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties):
+        with self.cond:
+            was = self.connected
+            self.connected = False
+            lasted = time.monotonic() - self.connected_at
+        if was and not self.stopping:
+            self.notify(f"disconnected from {self.broker} ({reason_code}); reconnecting")
+            if self.on_drop is not None:
+                self.on_drop(lasted)
+
+    def stop(self):
+        self.stopping = True
+        try:
+            self.client.disconnect()
+        except Exception:  # pragma: no cover - paho raises nothing here normally
+            pass
+        self.client.loop_stop()
+
+
 class MQbtTBase:
     """Base class for all MQbtT classes.
 
@@ -657,20 +785,18 @@ class MQbtTBase:
         self._queues = {sub: queue.Queue(max_queue) for sub, _ in subs}
         # keyed by the topic's bytes: paho's MQTTMessage.topic decodes them each time
         self._topics = {topic(self.pair_id, sub).encode(): sub for sub, _ in subs}
-        self._cond = threading.Condition()
-        self._connected = False
-        self._subscribed = False
-        self._sub_mid = None
-        self._error = None        # fatal error (auth refused, subscription refused)
         self._stopped = False
         self._pending = deque()   # MQTTMessageInfo of non-blocking QoS>0 sends
-        self._connected_at = 0.0
         self._short_sessions = deque(maxlen=4)
         self._takeover_warned = 0.0
-        #: number of (re)connections so far
-        self.connections = 0
-        self._client = self._make_client()
-        self._start(connect_timeout)
+        self._conn = _Connection(
+            self.broker, self.client_id, self.clean_session,
+            [(topic(self.pair_id, s), q) for s, q in subs], self._on_message, self.keepalive,
+            on_fatal=self._on_fatal, on_drop=self._on_drop,
+            **self._client_kwargs())
+        self._client = self._conn.client
+        self._client.on_socket_open = self._on_socket_open
+        self._conn.start(connect_timeout)
 
     # -- client id ------------------------------------------------------------
     def _derive_client_id(self) -> str:
@@ -683,47 +809,18 @@ class MQbtTBase:
         return cid
 
     # -- paho plumbing ----------------------------------------------------------
-    def _make_client(self):
-        c = _paho_client(self.broker, self.client_id, self.clean_session, **self._client_kwargs())
-        c.on_socket_open = self._on_socket_open
-        c.on_connect = self._on_connect
-        c.on_disconnect = self._on_disconnect
-        c.on_subscribe = self._on_subscribe
-        c.on_message = self._on_message
-        return c
-
     def _client_kwargs(self) -> dict:
         return {}
 
-    def _start(self, connect_timeout):
-        c = self._client
-        try:
-            # the first connection is synchronous, so that its failure is reported
-            # with its real cause (refused, unknown host, TLS, websocket handshake)
-            c.connect(self.broker.host, self.broker.port, self.keepalive)
-        except Exception as err:  # OSError, ssl.SSLError, WebsocketConnectionError, ValueError
-            self._shutdown(wait=False)
-            raise MQbtTConnectionError(f"cannot connect to {self.broker}: {_describe(err)}") from None
-        c.loop_start()
-        deadline = time.monotonic() + connect_timeout
-        try:
-            with self._cond:
-                while not (self._subscribed or self._error):
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        break
-                    self._cond.wait(left)
-                ok = self._subscribed and not self._error
-                err = self._error
-        except BaseException:   # Ctrl-C while connecting: leave no client running
-            self._shutdown(wait=False)
-            raise
-        if not ok:
-            self._shutdown(wait=False)
-            if err is None:
-                err = MQbtTConnectionError(
-                    f"cannot connect to {self.broker}: no answer within {connect_timeout:g} s")
-            raise err
+    @property
+    def connections(self) -> int:
+        """The number of (re)connections so far."""
+        return self._conn.generation
+
+    @property
+    def _error(self):
+        """The fatal error (credentials or subscription refused, client stopped), or None."""
+        return self._conn.error
 
     # TCP_NODELAY policy.  Request/reply exchanges need Nagle's algorithm off
     # (else a QoS>=1 handshake stalls ~40 ms on delayed ACKs), but while a flood
@@ -744,76 +841,26 @@ class MQbtTBase:
         if sock is not None:
             _tcp_nodelay(None, None, sock, on)
 
-    def _on_connect(self, client, userdata, flags, reason_code, properties):
-        if reason_code.is_failure:
-            err = MQbtTConnectionError(
-                f"broker {self.broker} refused the connection of client id "
-                f"{self.client_id!r}: {reason_code}")
-            with self._cond:
-                # while the constructor waits, it raises the error itself
-                fatal = self._error is None and self.connections > 0
-                if self._error is None:
-                    self._error = err
-                self._cond.notify_all()
-            if fatal:
-                log.error("%s; giving up (no retry on refused credentials)", err)
-                self._wake_receivers()
-            client.disconnect()
+    def _on_fatal(self, err):
+        """Credentials or a subscription refused after connecting: say so and
+        make every receive raise it."""
+        log.error("%s", err)
+        self._wake_receivers()
+
+    def _on_drop(self, lasted):
+        """A lost connection: warn when the client id is being fought over."""
+        if lasted >= 10 or self._stopped:
             return
-        with self._cond:
-            self._connected = True
-            self._connected_at = time.monotonic()
-            self.connections += 1
-            self._cond.notify_all()
-        if self.connections > 1:
-            log.info("reconnected to %s (session present: %s)", self.broker, flags.session_present)
-        self._subscribe(client)
-
-    def _subscribe(self, client):
-        if not self.receive_subtopics:
-            with self._cond:
-                self._subscribed = True
-                self._cond.notify_all()
-            return
-        subs = [(topic(self.pair_id, s), q) for s, q in self.receive_subtopics]
-        rc, mid = client.subscribe(subs)
-        with self._cond:
-            self._sub_mid = mid
-
-    def _on_subscribe(self, client, userdata, mid, reason_codes, properties):
-        bad = [(s, rc) for (s, _), rc in zip(self.receive_subtopics, reason_codes) if rc.is_failure]
-        with self._cond:
-            if bad:
-                err = MQbtTSubscribeError(
-                    f"broker {self.broker} refused subscription(s) "
-                    + ", ".join(f"{topic(self.pair_id, s)} ({rc})" for s, rc in bad)
-                    + " — do these credentials have access to this pair?")
-                self._error = err
-            self._subscribed = True
-            self._cond.notify_all()
-        if bad:
-            log.error("%s", err)
-            self._wake_receivers()
-
-    def _on_disconnect(self, client, userdata, flags, reason_code, properties):
         now = time.monotonic()
-        with self._cond:
-            was = self._connected
-            self._connected = False
-            if self._stopped or not was:
-                return
-            lasted = now - self._connected_at
-        log.info("disconnected from %s (%s); reconnecting", self.broker, reason_code)
-        if lasted < 10:
-            self._short_sessions.append(now)
-            if (len(self._short_sessions) >= 3 and now - self._short_sessions[-3] < 60
-                    and now - self._takeover_warned > 60):
-                self._takeover_warned = now
-                log.warning(
-                    "client id %r keeps being disconnected right after connecting: another "
-                    "%s of pair %r is probably connected with the same client id, and the two "
-                    "keep kicking each other off the broker. Stop one of them.",
-                    self.client_id, self._role_name(), self.pair_id)
+        self._short_sessions.append(now)
+        if (len(self._short_sessions) >= 3 and now - self._short_sessions[-3] < 60
+                and now - self._takeover_warned > 60):
+            self._takeover_warned = now
+            log.warning(
+                "client id %r keeps being disconnected right after connecting: another "
+                "%s of pair %r is probably connected with the same client id, and the two "
+                "keep kicking each other off the broker. Stop one of them.",
+                self.client_id, self._role_name(), self.pair_id)
 
     def _role_name(self):
         return {"opt": "optimizer", "esp": "miner"}.get(self._role, self._role)
@@ -902,7 +949,7 @@ class MQbtTBase:
     @property
     def connected(self) -> bool:
         """Whether the client is connected to the broker right now."""
-        return self._connected
+        return self._conn.connected
 
     def wait_sent(self, timeout: float | None = None) -> bool:
         """Wait until every message sent with ``blocking=False`` has been
@@ -923,20 +970,16 @@ class MQbtTBase:
         seconds to reach the broker first.  Calling it twice is harmless."""
         if self._stopped:
             return
-        if self._connected and self._error is None:
+        if self.connected and self._error is None:
             self.wait_sent(timeout)
         self._shutdown()
 
-    def _shutdown(self, wait=True):
-        with self._cond:
-            self._stopped = True
-            if self._error is None:
-                self._error = MQbtTConnectionError("the client is stopped")
-        try:
-            self._client.disconnect()
-        except Exception:  # pragma: no cover - paho raises nothing here normally
-            pass
-        self._client.loop_stop()
+    def _shutdown(self):
+        self._stopped = True
+        with self._conn.cond:
+            if self._conn.error is None:
+                self._conn.error = MQbtTConnectionError("the client is stopped")
+        self._conn.stop()
         self._wake_receivers()   # a receive blocked in another thread raises
 
     close = stop
@@ -948,7 +991,7 @@ class MQbtTBase:
         self.stop()
 
     def __repr__(self):
-        state = "stopped" if self._stopped else ("connected" if self._connected else "disconnected")
+        state = "stopped" if self._stopped else ("connected" if self.connected else "disconnected")
         return (f"<{type(self).__name__} pair_id={self.pair_id!r} broker='{self.broker}' "
                 f"client_id={self.client_id!r} {state}>")
 
@@ -1606,101 +1649,6 @@ def recorder_client_id(broker_uri: str, db_path: str) -> str:
     return "mqbtt-rec-" + hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
 
-class _Connection:
-    """A paho client connected once (synchronously, so that failures are
-    reported with their cause), then kept connected by paho's loop thread,
-    re-subscribing to *subscriptions* on every CONNACK."""
-
-    def __init__(self, broker: BrokerURI, client_id: str, clean_session: bool,
-                 subscriptions: list, on_message, keepalive=60, notify=None, **kwargs):
-        self.broker = broker
-        self.notify = notify or log.warning
-        self.stopping = False
-        self.client_id = client_id
-        self.subscriptions = subscriptions
-        self.cond = threading.Condition()
-        self.generation = 0       # number of CONNACKs so far
-        self.connected = False
-        self.subscribed = False
-        self.error = None
-        self.client = c = _paho_client(broker, client_id, clean_session, **kwargs)
-        c.on_connect = self._on_connect
-        c.on_subscribe = self._on_subscribe
-        c.on_disconnect = self._on_disconnect
-        c.on_message = on_message
-        self.keepalive = keepalive
-
-    def start(self, timeout=10.0):
-        c = self.client
-        try:
-            c.connect(self.broker.host, self.broker.port, self.keepalive)
-        except Exception as err:  # OSError, ssl.SSLError, websocket errors, ValueError
-            raise MQbtTConnectionError(f"cannot connect to {self.broker}: {_describe(err)}") from None
-        c.loop_start()
-        deadline = time.monotonic() + timeout
-        try:
-            with self.cond:
-                while not (self.subscribed or self.error):
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        break
-                    self.cond.wait(min(left, 0.25))
-                err = self.error
-                ok = self.subscribed and err is None
-        except BaseException:   # Ctrl-C while connecting: leave no client running
-            self.stop()
-            raise
-        if not ok:
-            self.stop()
-            raise err or MQbtTConnectionError(
-                f"cannot connect to {self.broker}: no answer within {timeout:g} s")
-
-    def _on_connect(self, client, userdata, flags, reason_code, properties):
-        if reason_code.is_failure:
-            with self.cond:
-                self.error = MQbtTConnectionError(
-                    f"broker {self.broker} refused the connection of client id "
-                    f"{self.client_id!r}: {reason_code}")
-                self.cond.notify_all()
-            client.disconnect()
-            return
-        with self.cond:
-            self.generation += 1
-            self.connected = True
-            self.cond.notify_all()
-        if self.generation > 1:
-            self.notify(f"reconnected to {self.broker} (session present: {flags.session_present})")
-        if self.subscriptions:
-            client.subscribe(self.subscriptions)
-        else:
-            self._on_subscribe(client, userdata, 0, [], None)
-
-    def _on_subscribe(self, client, userdata, mid, reason_codes, properties):
-        bad = [(t, rc) for (t, _), rc in zip(self.subscriptions, reason_codes) if rc.is_failure]
-        with self.cond:
-            if bad:
-                self.error = MQbtTSubscribeError(
-                    f"broker {self.broker} refused subscription(s) "
-                    + ", ".join(f"{t} ({rc})" for t, rc in bad))
-            self.subscribed = True
-            self.cond.notify_all()
-
-    def _on_disconnect(self, client, userdata, flags, reason_code, properties):
-        with self.cond:
-            was = self.connected
-            self.connected = False
-        if was and not self.stopping:
-            self.notify(f"disconnected from {self.broker} ({reason_code}); reconnecting")
-
-    def stop(self):
-        self.stopping = True
-        try:
-            self.client.disconnect()
-        except Exception:  # pragma: no cover
-            pass
-        self.client.loop_stop()
-
-
 class Recorder:
     """Record the traffic of every pair (``mqbtt/+/<subtopic>``) into a
     :class:`MQbtTDataBase`, losing no QoS>=1 message even on ``kill -9``.
@@ -1779,12 +1727,14 @@ class Recorder:
         """Connect, record until :meth:`stop` is called, commit, disconnect.
 
         :returns: the number of messages stored.
-        :raises MQbtTConnectionError: if the first connection fails.
+        :raises MQbtTConnectionError: if the first connection fails, or if the
+          broker later refuses the credentials (after committing what came).
         :raises MQbtTError: if the database cannot be written (nothing
           uncommitted is acknowledged, so the broker keeps it)."""
         subs = [(f"mqbtt/+/{s}", min(SUBTOPICS[s], 1)) for s in self.subtopics]
         self._conn = _Connection(self.broker, self.client_id, False, subs, self._on_message,
-                                 self.keepalive, notify=self._say, manual_ack=True)
+                                 self.keepalive, notify=self._say, manual_ack=True,
+                                 on_fatal=lambda err: self.stop())
         try:
             self._conn.start(self.connect_timeout)
             self._say(f"recording {', '.join('mqbtt/+/' + s for s in self.subtopics)} "
@@ -1797,6 +1747,8 @@ class Recorder:
             raise
         self._conn.stop()
         self._close_db()
+        if self._conn.error is not None:   # credentials refused on a reconnect: stored, then fail
+            raise self._conn.error
         self._say(f"stopped: {self.total} messages recorded ({self._per_subtopic()})", line=True)
         return self.total
 

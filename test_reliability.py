@@ -581,3 +581,25 @@ def test_upgrade_errors_never_show_url_credentials():
         mqbtt._fetch(url + "/mqbtt.pyz.sha256", 5)
     assert "SECRETTOKEN" not in str(e.value) and "u:***@" in str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_recorder_stops_when_credentials_are_revoked(tmp_path):
+    import signal  # noqa: F401
+    pw = tmp_path / "passwd"
+    pw.write_text("")
+    subprocess.run(["mosquitto_passwd", "-b", str(pw), "rec", "rec-pw-1"], check=True)
+    os.chmod(pw, 0o644)
+    b = LocalBroker(anonymous=False, extra=f"password_file {pw}").start()
+    db = str(tmp_path / "revoked.db")
+    try:
+        rec = start_recorder(type("B", (), {"uri": f"mqtt://rec:rec-pw-1@127.0.0.1:{b.port}"})(), db)
+        pw.write_text("")
+        subprocess.run(["mosquitto_passwd", "-b", str(pw), "rec", "another"], check=True)
+        b.restart()
+        assert rec.wait(30) == 1
+        assert any("refused the connection" in line and "Not authorized" in line for line in rec.err)
+        assert not any("rec-pw-1" in line for line in rec.err)
+    finally:
+        rec.kill()
+        b.cleanup()
+    print("\n[recorder, credentials revoked] exit 1: " + rec.err[-1])
