@@ -10,7 +10,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(ROOT, "examples"))
-from local_broker import LocalBroker, free_port  # noqa: E402,F401
+from local_broker import LocalBroker  # noqa: E402
 
 
 @pytest.fixture

@@ -3142,7 +3142,7 @@ def _command_from_argv0(argv0: str):
 
 def _top_usage():
     width = max(map(len, COMMANDS))
-    lines = [f"usage: mqbtt [--version] [--help] COMMAND [OPTIONS]", "",
+    lines = ["usage: mqbtt [--version] [--help] COMMAND [OPTIONS]", "",
              "MQbtT: steer a Bitcoin miner from an optimizer over MQTT.", "", "commands:"]
     lines += [f"  {c:<{width}}  {h}" for c, h in COMMANDS.items()]
     lines += ["", "Run 'mqbtt COMMAND --help' for a command's options. Invoked through a",

@@ -8,7 +8,6 @@ import dataclasses
 import logging
 import os
 import random
-import shutil
 import socket
 import subprocess
 import sys
@@ -513,12 +512,8 @@ def test_silent_broker_times_out():
 
 
 @pytest.fixture
-def auth_broker(tmp_path):
-    pwfile = tmp_path / "passwd"
-    pwfile.write_text("")
-    subprocess.run(["mosquitto_passwd", "-b", str(pwfile), "alice", "s3cret-pw"], check=True)
-    os.chmod(pwfile, 0o644)
-    b = LocalBroker(anonymous=False, extra=f"password_file {pwfile}").start()
+def auth_broker():
+    b = LocalBroker(users={"alice": "s3cret-pw"}).start()
     yield b
     b.cleanup()
 
@@ -584,14 +579,12 @@ def test_two_optimizers_on_one_pair_are_reported(broker, caplog):
         a.stop()
 
 
-def test_fatal_error_wakes_blocked_receiver(auth_broker, tmp_path):
+def test_fatal_error_wakes_blocked_receiver(auth_broker):
     """Credentials revoked while connected: the reconnect is refused, a blocked receive raises."""
     port = auth_broker.port
     opt = MQbtTOptimizer(f"mqtt://alice:s3cret-pw@127.0.0.1:{port}", "fx")
     try:
-        pwfile = tmp_path / "passwd"
-        pwfile.write_text("")
-        subprocess.run(["mosquitto_passwd", "-b", str(pwfile), "alice", "other"], check=True)
+        auth_broker.set_users({"alice": "other"})
         auth_broker.restart()
         with pytest.raises(MQbtTConnectionError):
             opt.receive_reply()          # would block forever without the wake-up

@@ -20,7 +20,7 @@ import mqbtt
 from mqbtt import (Empty, MQbtTConnectionError, MQbtTDecodeError, MQbtTLogReceiver, MQbtTMiner,
                    MQbtTOptimizer, MQbtTSubscribeError, Reply, Request, Share)
 from local_broker import LocalBroker, free_port
-from test_mqbtt import publish_raw, raw_client, wait_for
+from test_mqbtt import raw_client, wait_for
 
 
 def figures(name, sent, received, lost=None, dup=None):
@@ -304,15 +304,9 @@ def test_undrained_flood_memory_and_optional_bound(broker):
 # ---------------------------------------------------------------------------
 
 @pytest.fixture
-def acl_broker(tmp_path):
-    pw = tmp_path / "passwd"
-    pw.write_text("")
-    for user, password in (("pairA", "pw-A-secret"), ("pairB", "pw-B-secret")):
-        subprocess.run(["mosquitto_passwd", "-b", str(pw), user, password], check=True)
-    os.chmod(pw, 0o644)
-    acl = tmp_path / "acl"
-    acl.write_text("pattern readwrite mqbtt/%u/#\n")
-    b = LocalBroker(anonymous=False, extra=f"password_file {pw}\nacl_file {acl}").start()
+def acl_broker():
+    b = LocalBroker(users={"pairA": "pw-A-secret", "pairB": "pw-B-secret"},
+                    acl="pattern readwrite mqbtt/%u/#\n").start()
     yield b
     b.cleanup()
 
@@ -414,11 +408,7 @@ def test_passwords_never_in_output_logs_reprs_or_errors(tmp_path, capfd, caplog)
     import logging
     caplog.set_level(logging.DEBUG)
     secret = "Sup3r-S3cret-Pw"
-    pw = tmp_path / "passwd"
-    pw.write_text("")
-    subprocess.run(["mosquitto_passwd", "-b", str(pw), "u", secret], check=True)
-    os.chmod(pw, 0o644)
-    b = LocalBroker(anonymous=False, extra=f"password_file {pw}").start()
+    b = LocalBroker(users={"u": secret}).start()
     texts = []
     try:
         uri = f"mqtt://u:{secret}@127.0.0.1:{b.port}"
@@ -584,17 +574,11 @@ def test_upgrade_errors_never_show_url_credentials():
 
 
 def test_recorder_stops_when_credentials_are_revoked(tmp_path):
-    import signal  # noqa: F401
-    pw = tmp_path / "passwd"
-    pw.write_text("")
-    subprocess.run(["mosquitto_passwd", "-b", str(pw), "rec", "rec-pw-1"], check=True)
-    os.chmod(pw, 0o644)
-    b = LocalBroker(anonymous=False, extra=f"password_file {pw}").start()
+    b = LocalBroker(users={"rec": "rec-pw-1"}).start()
     db = str(tmp_path / "revoked.db")
     try:
         rec = start_recorder(type("B", (), {"uri": f"mqtt://rec:rec-pw-1@127.0.0.1:{b.port}"})(), db)
-        pw.write_text("")
-        subprocess.run(["mosquitto_passwd", "-b", str(pw), "rec", "another"], check=True)
+        b.set_users({"rec": "another"})
         b.restart()
         assert rec.wait(30) == 1
         assert any("refused the connection" in line and "Not authorized" in line for line in rec.err)

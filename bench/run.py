@@ -312,7 +312,6 @@ def bench_shares(repeat, quick, broker):
 def _drain_raw_count(uri, cid, topic, n):
     """Create a persistent session, let the caller preload, then count n messages."""
     import paho.mqtt.client as mqtt
-    b = mqbtt.BrokerURI.parse(uri)
     state = {"n": 0, "first": None, "last": None}
     done = threading.Event()
 
@@ -331,7 +330,6 @@ def _drain_raw_count(uri, cid, topic, n):
 
 
 def _record_raw(uri, n, payload):
-    import paho.mqtt.client as mqtt  # noqa: F401
     b = mqbtt.BrokerURI.parse(uri)
     c, state, done = _drain_raw_count(uri, "raw-rec", "mqbtt/+/+", n)
     ready = threading.Event()

@@ -32,9 +32,12 @@ class LocalBroker:
     :param extra: more mosquitto.conf lines (global options, or the body of
       the default listener: e.g. TLS or ``password_file``/``acl_file`` lines).
     :param listeners: additional ``listener ...`` blocks, appended verbatim.
+    :param users: ``{user: password}``: only these clients may connect.
+    :param acl: the text of an ACL file (e.g. ``pattern readwrite mqbtt/%u/#``).
     """
 
-    def __init__(self, port=None, persistence=False, extra="", listeners="", anonymous=True):
+    def __init__(self, port=None, persistence=False, extra="", listeners="", anonymous=True,
+                 users=None, acl=None):
         if shutil.which("mosquitto") is None and not os.path.exists("/usr/sbin/mosquitto"):
             raise RuntimeError("mosquitto is not installed (apt-get install mosquitto)")
         self.port = port or free_port()
@@ -45,6 +48,24 @@ class LocalBroker:
         self.anonymous = anonymous
         self.proc = None
         self.log_path = os.path.join(self.dir, "mosquitto.log")
+        self.users = users
+        self.acl = acl
+        if users:
+            self.anonymous = False
+            self.set_users(users)
+        if acl:
+            with open(os.path.join(self.dir, "acl"), "w") as f:
+                f.write(acl)
+
+    def set_users(self, users):
+        """Write the password file: *users* maps user names to passwords (the
+        broker reads it when it starts: call :meth:`restart` to apply a change)."""
+        path = os.path.join(self.dir, "passwd")
+        open(path, "w").close()
+        for user, password in users.items():
+            subprocess.run(["mosquitto_passwd", "-b", path, user, password], check=True,
+                           capture_output=True)
+        os.chmod(path, 0o644)
 
     @property
     def uri(self) -> str:
@@ -65,6 +86,8 @@ class LocalBroker:
             "log_type warning",
             "log_type notice",
             f"log_dest file {self.log_path}",
+            f"password_file {self.dir}/passwd" if self.users else "",
+            f"acl_file {self.dir}/acl" if self.acl else "",
             f"listener {self.port} 127.0.0.1",
             self.extra,
             self.listeners,
