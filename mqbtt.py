@@ -1664,9 +1664,11 @@ class Recorder:
     sees the message, and after PUBREC the broker never resends it, so a kill
     in between would lose it.
 
-    It commits as soon as the stream pauses or *window* unacknowledged
-    messages are held (Mosquitto sends at most ``max_inflight_messages``, 20
-    by default, unacknowledged messages, then waits); *batch_size* and
+    It commits as soon as the stream pauses or half of *window*
+    unacknowledged messages are held (Mosquitto sends at most
+    ``max_inflight_messages``, 20 by default, unacknowledged messages, then
+    waits: with half a window per commit it can send the other half while one
+    is being committed); *batch_size* and
     *batch_timeout* remain upper bounds.  The paho network thread only
     enqueues; SQLite work happens in the thread that calls :meth:`run`.
 
@@ -1793,7 +1795,9 @@ class Recorder:
         batch = [first]
         unacked = 1 if first[2] > 0 else 0
         started = time.monotonic()
-        while (len(batch) < self.batch_size and unacked < self.window
+        # half the broker's window per commit: while one half is being committed,
+        # the broker can already send the other half (a full window would stall it)
+        while (len(batch) < self.batch_size and unacked < max(1, self.window // 2)
                and time.monotonic() - started < self.batch_timeout):
             try:
                 item = self._queue.get_nowait()
