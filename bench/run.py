@@ -99,9 +99,32 @@ def bench_codec(repeat, quick):
 # request -> reply round trip vs raw paho at the same QoS
 # ---------------------------------------------------------------------------
 
+def raw_subscriber(uri, client_id, topic, qos, nodelay=True):
+    """A plain paho-mqtt client subscribed to *topic* (returned once the
+    SUBACK came), feeding the payloads to a :class:`queue.Queue`: the raw
+    building block the pair classes are compared with."""
+    import queue
+    import socket
+    import paho.mqtt.client as mqtt
+    b = mqbtt.BrokerURI.parse(uri)
+    q = queue.Queue()
+    ready = threading.Event()
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id)
+    if nodelay:
+        c.on_socket_open = lambda c, u, s: s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    c.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos)
+    c.on_subscribe = lambda *a: ready.set()
+    c.on_message = lambda c, u, msg: q.put(msg.payload)
+    c.connect(b.host, b.port)
+    c.loop_start()
+    ready.wait(10)
+    return c, q
+
+
 MINER_SRC = r"""
-import sys, queue, threading
+import sys
 sys.path.insert(0, sys.argv[4])
+sys.path.insert(0, sys.argv[4] + "/bench")
 kind, uri, pid = sys.argv[1:4]
 import mqbtt
 if kind == "mqbtt":
@@ -114,20 +137,8 @@ if kind == "mqbtt":
         m.send_reply(mqbtt.Reply(num_shares=r.timestamp_min))
     m.stop()
 else:
-    import paho.mqtt.client as mqtt
-    b = mqbtt.BrokerURI.parse(uri)
-    q = queue.Queue()
-    ready = threading.Event()
-    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="raw-miner-" + pid)
-    if sys.argv[5] == "1":
-        import socket
-        c.on_socket_open = lambda c, u, s: s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    c.on_connect = lambda c, u, f, rc, p: c.subscribe(f"mqbtt/{pid}/srv", 2)
-    c.on_subscribe = lambda *a: ready.set()
-    c.on_message = lambda c, u, msg: q.put(msg.payload)
-    c.connect(b.host, b.port)
-    c.loop_start()
-    ready.wait()
+    from run import raw_subscriber
+    c, q = raw_subscriber(uri, "raw-miner-" + pid, f"mqbtt/{pid}/srv", 2, sys.argv[5] == "1")
     print("ready", flush=True)
     Req, Rep = mqbtt._pb()["Request"], mqbtt._pb()["Reply"]
     while True:
@@ -159,24 +170,10 @@ def _rtt_ours(uri, pid, n):
 
 
 def _rtt_raw(uri, pid, n, nodelay=True):
-    import queue
-    import socket
-    import paho.mqtt.client as mqtt
     miner = subprocess.Popen([PY, "-c", MINER_SRC, "raw", uri, pid, ROOT, "1" if nodelay else "0"],
                              stdout=subprocess.PIPE, text=True)
     assert miner.stdout.readline().strip() == "ready"
-    b = mqbtt.BrokerURI.parse(uri)
-    q = queue.Queue()
-    ready = threading.Event()
-    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="raw-opt-" + pid)
-    if nodelay:
-        c.on_socket_open = lambda c, u, s: s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    c.on_connect = lambda c, u, f, rc, p: c.subscribe(f"mqbtt/{pid}/esp", 2)
-    c.on_subscribe = lambda *a: ready.set()
-    c.on_message = lambda c, u, msg: q.put(msg.payload)
-    c.connect(b.host, b.port)
-    c.loop_start()
-    ready.wait()
+    c, q = raw_subscriber(uri, "raw-opt-" + pid, f"mqbtt/{pid}/esp", 2, nodelay)
     Req, Rep = mqbtt._pb()["Request"], mqbtt._pb()["Reply"]
     lat = []
     for i in range(n + 20):
