@@ -782,7 +782,9 @@ class MQbtTBase:
         self.client_id = client_id or self._derive_client_id()
         #: per-subtopic count of messages dropped because the queue was full
         self.dropped = {sub: 0 for sub, _ in subs}
-        self._queues = {sub: queue.Queue(max_queue) for sub, _ in subs}
+        # unbounded: the C SimpleQueue (put/get ~10x cheaper than Queue's)
+        self._queues = {sub: queue.Queue(max_queue) if max_queue > 0 else queue.SimpleQueue()
+                        for sub, _ in subs}
         # keyed by the topic's bytes: paho's MQTTMessage.topic decodes them each time
         self._topics = {topic(self.pair_id, sub).encode(): sub for sub, _ in subs}
         self._stopped = False

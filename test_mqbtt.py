@@ -434,10 +434,10 @@ def test_stop_wakes_blocked_receivers(broker):
             opt.receive_reply()
         except MQbtTConnectionError as err:
             errors.append(err)
-    t = threading.Thread(target=receive)
+    t = threading.Thread(target=receive, daemon=True)
     t.start()
-    wait_for(lambda: opt._queues["esp"].not_empty._waiters if hasattr(
-        opt._queues["esp"].not_empty, "_waiters") else True, what="the receiver to block")
+    wait_for(lambda: (f := sys._current_frames().get(t.ident)) is not None
+             and f.f_code.co_name == "_receive", what="the receiver to block in _receive")
     opt.stop()
     t.join(10)
     assert not t.is_alive() and "stopped" in str(errors[0])
