@@ -199,9 +199,13 @@ def pct(xs, p):
 def bench_rtt(repeat, quick, broker):
     n = 300 if quick else 2000
     p50o, p99o, p50r, p99r, all_o, all_r = [], [], [], [], [], []
-    for k in range(max(repeat, 5)):    # tail latencies need many samples: runs interleaved, pooled
-        ours = _rtt_ours(broker.uri, f"rtt{k}", n)
-        raw = _rtt_raw(broker.uri, f"rawrtt{k}", n)
+    for k in range(max(repeat, 6)):    # tail latencies need many samples: runs interleaved, pooled
+        if k % 2:      # alternate which side runs first, so order effects cancel out
+            raw = _rtt_raw(broker.uri, f"rawrtt{k}", n)
+            ours = _rtt_ours(broker.uri, f"rtt{k}", n)
+        else:
+            ours = _rtt_ours(broker.uri, f"rtt{k}", n)
+            raw = _rtt_raw(broker.uri, f"rawrtt{k}", n)
         all_o += ours
         all_r += raw
         p50o.append(pct(ours, 50)); p99o.append(pct(ours, 99))
