@@ -2915,28 +2915,16 @@ def _cmd_echo(argv):
     return 0
 
 
-def _check_broker(p, uri):
-    try:
-        BrokerURI.parse(uri)
-    except ValueError as err:
-        p.error(str(err))
-
-
 def _cmd_dump(argv):
     p = _parser("dump")
     _add_broker(p)
-    p.add_argument("--pid", metavar="TEXT", required=True, help="Pair id [required]")
+    p.add_argument("--pid", metavar="TEXT", required=True, type=_pid_arg, help="Pair id [required]")
     p.add_argument("--mode", choices=list(DUMP_MODES), default="optimizer",
                    help="Operation mode: log (log lines), miner (requests), optimizer "
                         "(replies with their round-trip time, and shares); default: optimizer")
     p.add_argument("--json", action="store_true", help="print one JSON object per line")
     p.add_argument("--count", type=int, metavar="N", help="exit after N messages")
     a = p.parse_args(argv)
-    _check_broker(p, a.broker)
-    try:
-        check_pair_id(a.pid)
-    except ValueError as err:
-        p.error(str(err))
     if a.count is not None and a.count < 1:
         p.error("--count must be positive")
     what = ", ".join(topic(a.pid, s) for s in DUMP_MODES[a.mode])
@@ -2960,7 +2948,6 @@ def _cmd_record(argv):
                    help="MQTT client id (default: derived from this host, the broker and the "
                         "absolute database path, so a restarted recorder gets back its session)")
     a = p.parse_args(argv)
-    _check_broker(p, a.broker)
     try:
         exclude = parse_subtopics(a.exclude)
     except ValueError as err:
@@ -2977,18 +2964,13 @@ def _cmd_replay(argv):
     p = _parser("replay")
     _add_broker(p)
     p.add_argument("--db", metavar="PATH", required=True, help="the record database [required]")
-    p.add_argument("--pid", metavar="TEXT", required=True, help="the recorded pair id [required]")
-    p.add_argument("--to-pid", metavar="TEXT", help="publish as this pair id (default: --pid)")
+    p.add_argument("--pid", metavar="TEXT", required=True, type=_pid_arg,
+                   help="the recorded pair id [required]")
+    p.add_argument("--to-pid", metavar="TEXT", type=_pid_arg,
+                   help="publish as this pair id (default: --pid)")
     p.add_argument("--speed", metavar="X", type=float, default=1.0,
                    help="divide the recorded gaps by X (default 1; 0: as fast as possible)")
     a = p.parse_args(argv)
-    _check_broker(p, a.broker)
-    for pid in (a.pid, a.to_pid):
-        try:
-            if pid is not None:
-                check_pair_id(pid)
-        except ValueError as err:
-            p.error(str(err))
     if not a.speed >= 0 or a.speed == float("inf"):
         p.error("--speed must be a non-negative number")
     to = a.to_pid or a.pid

@@ -225,19 +225,7 @@ def bench_rtt(repeat, quick, broker):
 
 def _preload(uri, topic, n, payload):
     """Publish n QoS 1 messages (the receiver's persistent session queues them)."""
-    import paho.mqtt.client as mqtt
-    b = mqbtt.BrokerURI.parse(uri)
-    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="")
-    c.max_inflight_messages_set(1000)
-    c.max_queued_messages_set(0)
-    c.connect(b.host, b.port)
-    c.loop_start()
-    for start in range(0, n, 20000):      # paho's 16-bit message ids: batches
-        infos = [c.publish(topic, payload, 1) for _ in range(min(20000, n - start))]
-        for i in infos:
-            i.wait_for_publish(120)
-    c.disconnect()
-    c.loop_stop()
+    _preload_many(uri, topic, [payload] * n)
 
 
 def _share_payload():
@@ -368,7 +356,7 @@ def bench_record(repeat, quick, broker):
         for k in range(repeat):
             # distinct payloads, so that loss and duplicates can be counted
             payloads = [mqbtt.Share(nonce=i, job_id=f"{k}").to_bytes() for i in range(n)]
-            rate, lo, du, _ = _record_ours_distinct(broker.uri, payloads, tmp)
+            rate, lo, du = _record_ours_distinct(broker.uri, payloads, tmp)
             ours.append(rate)
             lost += lo
             dups += du
@@ -407,10 +395,11 @@ def _record_ours_distinct(uri, payloads, tmp):
     stored, distinct = con.execute("SELECT count(*), count(DISTINCT message) FROM messages").fetchone()
     first, last = con.execute("SELECT min(timestamp), max(timestamp) FROM messages").fetchone()
     con.close()
-    return n / max(last - first, 1e-9), n - distinct, stored - distinct, None
+    return n / max(last - first, 1e-9), n - distinct, stored - distinct
 
 
 def _preload_many(uri, topic, payloads):
+    """Publish *payloads* at QoS 1, in batches (paho's message ids are 16-bit)."""
     import paho.mqtt.client as mqtt
     b = mqbtt.BrokerURI.parse(uri)
     c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="")
