@@ -130,18 +130,19 @@ class APIException(MQbtTError):
 # checks that it is exactly what `protoc --descriptor_set_out` makes of
 # mqbtt.proto; regenerate it with `python build_zipapp.py --descriptor`.
 _DESCRIPTOR = (
-    "CgttcWJ0dC5wcm90bxIFbXFidHQiqQEKB1JlcXVlc3QSIwoNdGltZXN0YW1wX21pbhgBIAEoDVIM"
+    "CgttcWJ0dC5wcm90bxIFbXFidHQiyAEKB1JlcXVlc3QSIwoNdGltZXN0YW1wX21pbhgBIAEoDVIM"
     "dGltZXN0YW1wTWluEiMKDXRpbWVzdGFtcF9tYXgYAiABKA1SDHRpbWVzdGFtcE1heBIfCgtub25j"
     "ZV9zdGFydBgDIAEoDVIKbm9uY2VTdGFydBIdCgpub25jZV9zaXplGAQgASgNUglub25jZVNpemUS"
-    "FAoFcmVzZXQYBSABKAhSBXJlc2V0ImQKBVJlcGx5Eh8KBGtpbmQYASABKA4yCy5tcWJ0dC5LaW5k"
-    "UgRraW5kEh0KCm51bV9zaGFyZXMYAiABKARSCW51bVNoYXJlcxIbCgluZXdfYmxvY2sYAyABKAhS"
-    "CG5ld0Jsb2NrIr4CCgVTaGFyZRIYCgd2ZXJzaW9uGAEgASgNUgd2ZXJzaW9uEh0KCnByZXZfYmxv"
-    "Y2sYAiABKAxSCXByZXZCbG9jaxIfCgttZXJrbGVfcm9vdBgDIAEoDFIKbWVya2xlUm9vdBISCgR0"
-    "aW1lGAQgASgNUgR0aW1lEhsKCXBvb2xfdGltZRgFIAEoDVIIcG9vbFRpbWUSEgoEYml0cxgGIAEo"
-    "DVIEYml0cxIUCgVub25jZRgHIAEoDVIFbm9uY2USGwoJcG9vbF9kaWZmGAggASgBUghwb29sRGlm"
-    "ZhIVCgZqb2JfaWQYCSABKAlSBWpvYklkEiAKC2V4dHJhbm9uY2UyGAogASgJUgtleHRyYW5vbmNl"
-    "MhISCgRkaWZmGAsgASgBUgRkaWZmEhYKBnplcm9lcxgMIAEoDVIGemVyb2VzKjEKBEtpbmQSCQoF"
-    "SEVMTE8QABIKCgZSRVNVTFQQARIJCgVSRVNFVBACEgcKA0JZRRADYgZwcm90bzM="
+    "FAoFcmVzZXQYBSABKAhSBXJlc2V0Eh0KCnJlcXVlc3RfaWQYBiABKARSCXJlcXVlc3RJZCKDAQoF"
+    "UmVwbHkSHwoEa2luZBgBIAEoDjILLm1xYnR0LktpbmRSBGtpbmQSHQoKbnVtX3NoYXJlcxgCIAEo"
+    "BFIJbnVtU2hhcmVzEhsKCW5ld19ibG9jaxgDIAEoCFIIbmV3QmxvY2sSHQoKcmVxdWVzdF9pZBgE"
+    "IAEoBFIJcmVxdWVzdElkIr4CCgVTaGFyZRIYCgd2ZXJzaW9uGAEgASgNUgd2ZXJzaW9uEh0KCnBy"
+    "ZXZfYmxvY2sYAiABKAxSCXByZXZCbG9jaxIfCgttZXJrbGVfcm9vdBgDIAEoDFIKbWVya2xlUm9v"
+    "dBISCgR0aW1lGAQgASgNUgR0aW1lEhsKCXBvb2xfdGltZRgFIAEoDVIIcG9vbFRpbWUSEgoEYml0"
+    "cxgGIAEoDVIEYml0cxIUCgVub25jZRgHIAEoDVIFbm9uY2USGwoJcG9vbF9kaWZmGAggASgBUghw"
+    "b29sRGlmZhIVCgZqb2JfaWQYCSABKAlSBWpvYklkEiAKC2V4dHJhbm9uY2UyGAogASgJUgtleHRy"
+    "YW5vbmNlMhISCgRkaWZmGAsgASgBUgRkaWZmEhYKBnplcm9lcxgMIAEoDVIGemVyb2VzKjEKBEtp"
+    "bmQSCQoFSEVMTE8QABIKCgZSRVNVTFQQARIJCgVSRVNFVBACEgcKA0JZRRADYgZwcm90bzM="
 )
 
 _PB = {}
@@ -213,6 +214,9 @@ class Request:
     :param nonce_start: Minimum nonce.
     :param nonce_size: Maximum nonce.
     :param reset: Whether to reset the state.
+    :param request_id: Correlation id (unsigned 64-bit, 0 = none): set by
+      :meth:`MQbtTOptimizer.send_request`, copied by the miner into its
+      :class:`Reply`.  Not part of ``repr`` nor of ``==``.
 
     Integers are unsigned 32-bit on the wire (a ``ValueError`` is raised by
     :meth:`to_bytes` otherwise).
@@ -222,6 +226,7 @@ class Request:
     nonce_start: int = 0
     nonce_size: int = 0
     reset: bool = False
+    request_id: int = dataclasses.field(default=0, compare=False, repr=False)
 
     def to_bytes(self) -> bytes:
         """Serialize the Request to bytes using protobuf.
@@ -230,7 +235,8 @@ class Request:
         :raises ValueError: if a field is out of range or of the wrong type."""
         return _serialize(self, "Request", timestamp_min=self.timestamp_min,
                           timestamp_max=self.timestamp_max, nonce_start=self.nonce_start,
-                          nonce_size=self.nonce_size, reset=self.reset)
+                          nonce_size=self.nonce_size, reset=self.reset,
+                          request_id=self.request_id)
 
     @classmethod
     def from_bytes(cls, b: bytes) -> "Request":
@@ -242,7 +248,8 @@ class Request:
         m = _parse(cls, b)
         obj = object.__new__(cls)
         obj.__dict__.update(timestamp_min=m.timestamp_min, timestamp_max=m.timestamp_max,
-                            nonce_start=m.nonce_start, nonce_size=m.nonce_size, reset=m.reset)
+                            nonce_start=m.nonce_start, nonce_size=m.nonce_size, reset=m.reset,
+                            request_id=m.request_id)
         return obj
 
 
@@ -253,10 +260,13 @@ class Reply:
     :param kind: The kind of reply (e.g., RESULT).
     :param num_shares: Number of shares in the reply (unsigned 64-bit).
     :param new_block: Whether a new block was found.
+    :param request_id: The ``request_id`` of the :class:`Request` this reply
+      answers (unsigned 64-bit, 0 = unknown).  Not part of ``repr`` nor of ``==``.
     """
     kind: Kind = Kind.RESULT
     num_shares: int = 0
     new_block: bool = False
+    request_id: int = dataclasses.field(default=0, compare=False, repr=False)
 
     def to_bytes(self) -> bytes:
         """Serialize the Reply to bytes using protobuf.
@@ -267,7 +277,7 @@ class Reply:
             raise ValueError(f"cannot serialize {self!r}: kind must be one of "
                              f"{', '.join(k.name for k in Kind)}")
         return _serialize(self, "Reply", kind=int(self.kind), num_shares=self.num_shares,
-                          new_block=self.new_block)
+                          new_block=self.new_block, request_id=self.request_id)
 
     @classmethod
     def from_bytes(cls, b: bytes) -> "Reply":
@@ -283,7 +293,8 @@ class Reply:
         except ValueError:
             raise _decode_error(cls, b, f"unknown kind {m.kind}") from None
         obj = object.__new__(cls)
-        obj.__dict__.update(kind=kind, num_shares=m.num_shares, new_block=m.new_block)
+        obj.__dict__.update(kind=kind, num_shares=m.num_shares, new_block=m.new_block,
+                            request_id=m.request_id)
         return obj
 
 
@@ -1045,12 +1056,18 @@ class MQbtTOptimizer(MQbtTBase):
     Sends :class:`Request` on ``srv``; receives :class:`Reply` on ``esp`` and
     :class:`Share` on ``shr``.  Its client id is ``mqbtt-opt-<pair_id>``, so a
     restarted optimizer (``clean_session=False``) receives the replies the
-    broker queued while it was away.
+    broker queued while it was away (except replies to requests of an earlier
+    process, see :attr:`stale_replies`).
+
+    Every request goes out with a correlation id (``request_id``); see
+    :meth:`request` for the one call that returns exactly the reply to a
+    request.
     """
     _role = "opt"
 
     def __init__(self, broker_uri: str, pair_id: str, keepalive: int = 60,
                  clean_session: bool = False, **kwargs):
+        _init_request_ids(self)
         super().__init__(broker_uri, pair_id, [("esp", SUBTOPICS["esp"]), ("shr", SUBTOPICS["shr"])],
                          keepalive, clean_session, **kwargs)
 
@@ -1060,8 +1077,12 @@ class MQbtTOptimizer(MQbtTBase):
         :param request: the :class:`Request` to send.
         :param blocking: whether to block until the broker acknowledged it.
         :param timeout: seconds to wait when blocking (default :attr:`send_timeout`).
+        :returns: the :class:`Request` actually sent: *request* itself, or,
+          when its ``request_id`` is 0, a copy with a fresh non-zero id.
         :raises MQbtTSendTimeout: if the broker did not acknowledge in time."""
-        self._publish("srv", request.to_bytes(), blocking, timeout)
+        request, payload = _with_request_id(self, request)
+        self._publish("srv", payload, blocking, timeout)
+        return request
 
     def has_reply(self) -> bool:
         """Check if there is a reply from the miner.
@@ -1074,11 +1095,57 @@ class MQbtTOptimizer(MQbtTBase):
 
         :param blocking: Whether to block until the queue becomes not empty.
         :param timeout: The maximum time to wait for the queue to become not empty.
+        The next reply, in arrival order; its ``request_id`` tells which
+        request it answers (0: the miner did not say).  A reply with a
+        non-zero id this handle never sent (queued for an earlier process) is
+        discarded, counted in :attr:`stale_replies`, and the next one is
+        returned instead.
+
         :returns: the :class:`Reply`, or None (non-blocking, nothing there).
         :raises Empty: if *timeout* is given and no reply arrived in time.
         :raises MQbtTDecodeError: if the received payload is not a Reply."""
-        b = self._receive("esp", blocking, timeout)
-        return None if b is None else Reply.from_bytes(b)
+        deadline = None if timeout is None or timeout < 0 else time.monotonic() + timeout
+        while True:
+            b = self._receive("esp", blocking, timeout)
+            if b is None:
+                return None
+            reply = Reply.from_bytes(b)
+            rid = reply.request_id
+            if not rid or self._first_id <= rid < self._next_id or rid in self._given_ids:
+                return reply
+            _stale_reply(self, reply, None)
+            if deadline is not None:
+                timeout = max(0.0, deadline - time.monotonic())
+
+    def request(self, request: Request, timeout: float | None = None) -> Reply:
+        """Send *request* and return the reply to it: the next reply whose
+        ``request_id`` is the one the request went out with.
+
+        Replies to other ids are discarded, counted in :attr:`stale_replies`
+        and logged (one warning each): late replies to requests that timed
+        out, and replies queued for an earlier process.  A reply with
+        ``request_id`` 0 (a miner that does not copy the id) is returned as
+        the reply, as :meth:`receive_reply` would.
+
+        :param request: the :class:`Request`; if its ``request_id`` is 0 a
+          fresh one is used (see :meth:`send_request`).
+        :param timeout: seconds to wait for the reply (and, first, for the
+          broker to acknowledge the request); None waits as long as needed.
+        :returns: the :class:`Reply`.
+        :raises Empty: if no reply came within *timeout*.  The request stays
+          pending: if its reply comes later, a later call discards it.
+        :raises MQbtTSendTimeout: if the broker did not acknowledge the request
+          within *timeout* (default :attr:`send_timeout`); it stays queued.
+        :raises MQbtTDecodeError: if a payload on ``esp`` is not a Reply (it is
+          consumed; the request stays pending, as after a timeout).
+        :raises MQbtTConnectionError: if the client is stopped meanwhile."""
+        return _request(self, request, timeout)
+
+    def discard_replies(self) -> int:
+        """Drop every reply received and not yet read (decoded or not) and
+        return how many were dropped.  Replies the broker delivers afterwards
+        are not affected.  They are not counted in :attr:`stale_replies`."""
+        return _discard_replies(self)
 
     def has_share(self) -> bool:
         """Check if there is a share from the miner.
@@ -1102,9 +1169,12 @@ class MQbtTMiner(MQbtTBase):
 
     Receives :class:`Request` on ``srv``; sends :class:`Reply` on ``esp``,
     :class:`Share` on ``shr`` and log lines on ``log``.  Client id
-    ``mqbtt-esp-<pair_id>``.
+    ``mqbtt-esp-<pair_id>``.  :meth:`send_reply` copies the ``request_id`` of
+    the request last returned by :meth:`receive_request` into the reply.
     """
     _role = "esp"
+    #: ``request_id`` of the request most recently returned by receive_request
+    _last_request_id = 0
 
     def __init__(self, broker_uri: str, pair_id: str, keepalive: int = 60,
                  clean_session: bool = False, **kwargs):
@@ -1119,11 +1189,24 @@ class MQbtTMiner(MQbtTBase):
         """Receive a request from the optimizer (same semantics as
         :meth:`MQbtTOptimizer.receive_reply`)."""
         b = self._receive("srv", blocking, timeout)
-        return None if b is None else Request.from_bytes(b)
+        if b is None:
+            return None
+        request = Request.from_bytes(b)
+        self._last_request_id = request.request_id
+        return request
 
     def send_reply(self, reply: Reply, blocking: bool = True, timeout: float | None = None):
-        """Send a reply to the optimizer."""
+        """Send a reply to the optimizer.
+
+        When ``reply.request_id`` is 0 the reply is sent with the id of the
+        request most recently returned by :meth:`receive_request`, so that the
+        optimizer can tell which request it answers.
+
+        :returns: the :class:`Reply` actually sent (with that id)."""
+        if not reply.request_id and self._last_request_id:
+            reply = dataclasses.replace(reply, request_id=self._last_request_id)
         self._publish("esp", reply.to_bytes(), blocking, timeout)
+        return reply
 
     def send_share(self, share: Share, blocking: bool = True, timeout: float | None = None):
         """Send a share to the optimizer."""
@@ -1165,6 +1248,90 @@ class MQbtTLogReceiver(MQbtTBase):
         receive methods."""
         b = self._receive("log", blocking, timeout)
         return None if b is None else _log_from_bytes(b)
+
+
+###############################################################################
+# Request/reply correlation ###################################################
+###############################################################################
+
+# Every Request an optimizer sends carries a request_id: a random 63-bit start
+# drawn per handle, then +1 per request, so ids never repeat across processes
+# and restarts (two handles collide with probability ~n/2^63).  A handle's own
+# ids are then exactly [_first_id, _next_id) plus any non-zero id the caller
+# set itself (_given_ids), so "did this handle send it?" costs two compares.
+
+def _new_request_id_start() -> int:
+    return (int.from_bytes(os.urandom(8), "big") >> 1) or 1
+
+
+def _init_request_ids(handle):
+    #: replies discarded because they did not answer the request waited for:
+    #: replies to requests this handle never sent (:meth:`receive_reply`,
+    #: :meth:`request`) and late replies to earlier requests (:meth:`request`)
+    handle.stale_replies = 0
+    handle._id_lock = threading.Lock()
+    handle._first_id = handle._next_id = _new_request_id_start()
+    handle._given_ids = set()
+
+
+def _with_request_id(handle, request):
+    """(*request* with its id filled in, its bytes) for ``send_request``."""
+    rid = request.request_id
+    if not rid:
+        with handle._id_lock:
+            rid = handle._next_id
+            handle._next_id = rid + 1
+        request = dataclasses.replace(request, request_id=rid)
+        return request, request.to_bytes()
+    payload = request.to_bytes()   # validates the caller's id first
+    if not handle._first_id <= rid < handle._next_id:
+        handle._given_ids.add(rid)
+    return request, payload
+
+
+def _stale_reply(handle, reply, awaited):
+    handle.stale_replies += 1
+    rid = reply.request_id
+    if handle._first_id <= rid < handle._next_id or rid in handle._given_ids:
+        why = f"a late reply to an earlier request of this optimizer (awaited request_id {awaited})"
+    else:
+        why = ("it answers a request this optimizer did not send (a reply queued for an "
+               "earlier run of the optimizer?)")
+    log.warning("pair %r: discarded %r with request_id %d: %s; %d stale replies so far",
+                handle.pair_id, reply, rid, why, handle.stale_replies)
+
+
+def _request(handle, request, timeout):
+    if timeout is not None and timeout < 0:
+        raise ValueError("timeout must be a non-negative number")
+    deadline = None if timeout is None else time.monotonic() + timeout
+    sent = handle.send_request(request, timeout=timeout)
+    rid = sent.request_id
+    while True:
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        reply = Reply.from_bytes(handle._receive("esp", True, left))
+        if reply.request_id == rid or not reply.request_id:
+            return reply
+        _stale_reply(handle, reply, rid)
+
+
+def _discard_replies(handle) -> int:
+    q = handle._queues["esp"]
+    n = 0
+    while True:
+        try:
+            item = q.get_nowait()
+        except Empty:
+            return n
+        if item is _FATAL:
+            q.put_nowait(_FATAL)
+            return n
+        n += 1
+
+
+def _request_id_of(message) -> int:
+    """The ``request_id`` of a decoded Request/Reply (0 for anything else)."""
+    return getattr(message, "request_id", 0) or 0
 
 
 ###############################################################################
@@ -1594,24 +1761,86 @@ def request_reply_pairs(records):
     """Match each request of a pair with its reply, for latency analysis.
 
     *records* is an iterable of :class:`MQbtTRecord` of one pair in time order
-    (e.g. ``db.records(pair_id=...)``); other subtopics are ignored.  A
-    ``srv`` request is answered by the next ``esp`` reply; a request followed
-    by another request before any reply is unanswered.
+    (e.g. ``db.records(pair_id=...)``); other subtopics are ignored.
+
+    A reply with a non-zero ``request_id`` answers the request with that id,
+    however many requests were in flight (a reply to no recorded request is
+    ignored).  A reply without id (0, or a payload that does not decode) is
+    paired by order: it answers the latest request if that one is still
+    unanswered; a request without id followed by another request before any
+    reply is unanswered.  Pairs are yielded as their replies come; a request
+    with an id that is never answered is yielded (unanswered) at the end, or
+    once 10000 later requests with ids are waiting.
 
     :returns: a generator of ``(request_record, reply_record, latency_seconds)``,
       with ``reply_record`` and ``latency_seconds`` None for unanswered requests.
     """
-    pending = None
+    pairing = _Pairing()
     for r in records:
         if r.subtopic == "srv":
-            if pending is not None:
-                yield pending, None, None
-            pending = r
-        elif r.subtopic == "esp" and pending is not None:
-            yield pending, r, (r.timestamp - pending.timestamp).total_seconds()
-            pending = None
-    if pending is not None:
-        yield pending, None, None
+            for old in pairing.request(r, _request_id_of(r.message)):
+                yield old, None, None
+        elif r.subtopic == "esp":
+            req = pairing.reply(_request_id_of(r.message))
+            if req is not None:
+                yield req, r, (r.timestamp - req.timestamp).total_seconds()
+    for old in pairing.rest():
+        yield old, None, None
+
+
+class _Pairing:
+    """Which request a reply answers (:func:`request_reply_pairs`, ``mqbtt
+    dump``).  A reply with a non-zero id answers the request with that id; a
+    reply with id 0 answers the latest request if it is still unanswered."""
+
+    def __init__(self, max_pending: int = 10000):
+        self.by_id = {}      # request_id -> (request, id), unanswered, in time order
+        self.last = None     # (request, id) of the latest request while unanswered
+        self.max_pending = max_pending
+
+    def request(self, item, rid) -> list:
+        """Add a request; returns the requests now known to be unanswered."""
+        gone = []
+        if rid:
+            self.by_id.pop(rid, None)
+            if len(self.by_id) >= self.max_pending:    # the oldest: never answered
+                old = self.by_id.pop(next(iter(self.by_id)))
+                if old is self.last:
+                    self.last = None
+                gone.append(old[0])
+        if self.last is not None and not self.last[1]:
+            gone.append(self.last[0])
+        self.last = entry = (item, rid)
+        if rid:
+            self.by_id[rid] = entry
+        return gone
+
+    def reply(self, rid):
+        """The request a reply with id *rid* answers (now answered), or None."""
+        if rid:
+            entry = self.by_id.pop(rid, None)
+        else:
+            entry = self.last
+            if entry is not None and entry[1]:
+                self.by_id.pop(entry[1], None)
+        if entry is None:
+            return None
+        if entry is self.last:
+            self.last = None
+        return entry[0]
+
+    def rest(self) -> list:
+        """The requests still unanswered, in time order."""
+        last = [self.last[0]] if self.last is not None and not self.last[1] else []
+        return [entry[0] for entry in self.by_id.values()] + last
+
+
+def _payload_request_id(subtopic: str, payload: bytes) -> int:
+    """The request_id in a srv/esp payload (0 if none or undecodable)."""
+    try:
+        return (Request if subtopic == "srv" else Reply).from_bytes(payload).request_id
+    except MQbtTDecodeError:
+        return 0
 
 
 def _parse_topic(t: str):
@@ -1873,6 +2102,8 @@ def _jsonable(message):
     if dataclasses.is_dataclass(message):
         out = {}
         for f in dataclasses.fields(message):
+            if not f.repr:            # request_id: shown beside the message, when set
+                continue
             v = getattr(message, f.name)
             if isinstance(v, enum.Enum):
                 v = v.name
@@ -1903,6 +2134,8 @@ def format_dump(ts: float, subtopic: str, payload: bytes, rtt: float | None = No
         obj["type"] = None if message is None else (
             "log" if subtopic == "log" else type(message).__name__)
         obj["message"] = _jsonable(message)
+        if _request_id_of(message):
+            obj["request_id"] = message.request_id
         obj["payload"] = bytes(payload).hex()
         if err is not None:
             obj["error"] = err
@@ -1934,7 +2167,8 @@ def dump(broker_uri: str, pair_id: str, mode: str, out=None, as_json: bool = Fal
     *mode* ``log`` receives ``log``, ``miner`` receives ``srv``,
     ``optimizer`` receives ``esp`` and ``shr``; in optimizer mode dump also
     listens to ``srv`` (without printing it) to show each reply's round-trip
-    time from the latest unanswered request.  It subscribes at QoS 1 (receive
+    time from the request it answers: the one with the reply's
+    ``request_id``, or for a reply without id the latest unanswered request.  It subscribes at QoS 1 (receive
     times are those of the PUBLISH packets).  It uses a random client id and
     a clean session, so it never kicks the real optimizer or miner off the
     broker and leaves nothing behind.  Returns after *count* messages (never
@@ -1960,7 +2194,7 @@ def dump(broker_uri: str, pair_id: str, mode: str, out=None, as_json: bool = Fal
     conn = _Connection(broker, f"mqbtt-dump-{os.urandom(6).hex()}", True, subs, on_message, keepalive)
     conn.start(connect_timeout)
     n = 0
-    pending_request = None
+    pairing = _Pairing()
     try:
         if ready is not None:
             ready()
@@ -1976,10 +2210,12 @@ def dump(broker_uri: str, pair_id: str, mode: str, out=None, as_json: bool = Fal
             rtt = None
             if mode == "optimizer":
                 if sub == "srv":
-                    pending_request = ts
+                    pairing.request(ts, _payload_request_id(sub, payload))
                     continue
-                if sub == "esp" and pending_request is not None:
-                    rtt, pending_request = ts - pending_request, None
+                if sub == "esp":
+                    sent = pairing.reply(_payload_request_id(sub, payload))
+                    if sent is not None:
+                        rtt = ts - sent
             print(format_dump(ts, sub, payload, rtt, as_json), file=out, flush=True)
             n += 1
     finally:
