@@ -1132,10 +1132,12 @@ class MQbtTOptimizer(MQbtTBase):
         :param timeout: seconds to wait for the reply (and, first, for the
           broker to acknowledge the request); None waits as long as needed.
         :returns: the :class:`Reply`.
-        :raises Empty: if no reply came within *timeout*.  The request stays
-          pending: if its reply comes later, a later call discards it.
-        :raises MQbtTSendTimeout: if the broker did not acknowledge the request
-          within *timeout* (default :attr:`send_timeout`); it stays queued.
+        :raises Empty: if no reply came within *timeout* (also when the broker
+          did not even acknowledge the request by then: it stays queued in the
+          client).  The request stays pending: if its reply comes later, a
+          later call discards it.
+        :raises MQbtTSendTimeout: without *timeout*, if the broker did not
+          acknowledge the request within :attr:`send_timeout`.
         :raises MQbtTDecodeError: if a payload on ``esp`` is not a Reply (it is
           consumed; the request stays pending, as after a timeout).
         :raises MQbtTConnectionError: if the client is stopped meanwhile."""
@@ -1305,7 +1307,12 @@ def _request(handle, request, timeout):
     if timeout is not None and timeout < 0:
         raise ValueError("timeout must be a non-negative number")
     deadline = None if timeout is None else time.monotonic() + timeout
-    sent = handle.send_request(request, timeout=timeout)
+    try:
+        sent = handle.send_request(request, timeout=timeout)
+    except MQbtTSendTimeout as err:
+        if timeout is None:
+            raise
+        raise Empty(f"no reply within {timeout:g} s: {err}") from None
     rid = sent.request_id
     while True:
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
