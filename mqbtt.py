@@ -1099,7 +1099,8 @@ class MQbtTOptimizer(MQbtTBase):
         request it answers (0: the miner did not say).  A reply with a
         non-zero id this handle never sent (queued for an earlier process) is
         discarded, counted in :attr:`stale_replies`, and the next one is
-        returned instead.
+        returned instead, unless :attr:`discard_stale_replies` is False (set
+        it so to read replies republished by ``mqbtt replay``).
 
         :returns: the :class:`Reply`, or None (non-blocking, nothing there).
         :raises Empty: if *timeout* is given and no reply arrived in time.
@@ -1111,7 +1112,8 @@ class MQbtTOptimizer(MQbtTBase):
                 return None
             reply = Reply.from_bytes(b)
             rid = reply.request_id
-            if not rid or self._first_id <= rid < self._next_id or rid in self._given_ids:
+            if (not rid or self._first_id <= rid < self._next_id or rid in self._given_ids
+                    or not self.discard_stale_replies):
                 return reply
             _stale_reply(self, reply, None)
             if deadline is not None:
@@ -1281,6 +1283,9 @@ def _init_request_ids(handle):
     #: replies to requests this handle never sent (:meth:`receive_reply`,
     #: :meth:`request`) and late replies to earlier requests (:meth:`request`)
     handle.stale_replies = 0
+    #: whether receive_reply discards replies to requests this handle never
+    #: sent; False for an optimizer reading traffic republished by replay()
+    handle.discard_stale_replies = True
     handle._id_lock = threading.Lock()
     handle._first_id = handle._next_id = _new_request_id_start()
     handle._given_ids = set()

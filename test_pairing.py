@@ -647,3 +647,27 @@ class MQbtOptimizerPair:
     def __exit__(self, *exc):
         self.opt.stop()
         self.miner.stop()
+
+
+def test_replayed_replies_need_discard_stale_replies_false(broker, tmp_path):
+    """Replies republished by replay() answer requests of the recorded
+    optimizer: a default optimizer discards them, one with
+    discard_stale_replies = False reads them all, in order."""
+    db = tmp_path / "rec.db"
+    t0 = datetime.datetime(2026, 1, 1, tzinfo=UTC)
+    with mqbtt.MQbtTDataBase(str(db)) as d:
+        for i in range(5):
+            for sub, msg in (("srv", Request(timestamp_min=i, request_id=1000 + i)),
+                             ("esp", Reply(num_shares=i, request_id=1000 + i))):
+                d.insert(MQbtTRecord(id=0, pair_id="orig", subtopic=sub, payload=msg.to_bytes(),
+                                     timestamp=t0 + datetime.timedelta(seconds=i)))
+    with MQbtTOptimizer(broker.uri, "scratch") as strict, \
+            MQbtTOptimizer(broker.uri, "scratch", client_id="reader") as reader:
+        reader.discard_stale_replies = False
+        assert mqbtt.replay(str(db), broker.uri, "orig", to_pid="scratch", speed=0) == 10
+        got = [reader.receive_reply(timeout=10) for _ in range(5)]
+        assert [(g.num_shares, g.request_id) for g in got] == [(i, 1000 + i) for i in range(5)]
+        assert reader.stale_replies == 0
+        with pytest.raises(Empty):
+            strict.receive_reply(timeout=1)
+        assert strict.stale_replies == 5
