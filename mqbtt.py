@@ -1207,6 +1207,8 @@ class MQbtTMiner(MQbtTBase):
         optimizer can tell which request it answers.
 
         :returns: the :class:`Reply` actually sent (with that id)."""
+        if not isinstance(reply, Reply):
+            raise TypeError(f"send_reply() needs a Reply, not {type(reply).__name__}")
         if not reply.request_id and self._last_request_id:
             reply = _copy_with_id(reply, self._last_request_id)
         self._publish("esp", reply.to_bytes(), blocking, timeout)
@@ -1293,6 +1295,8 @@ def _init_request_ids(handle):
 
 def _with_request_id(handle, request):
     """(*request* with its id filled in, its bytes) for ``send_request``."""
+    if not isinstance(request, Request):
+        raise TypeError(f"send_request() needs a Request, not {type(request).__name__}")
     rid = request.request_id
     if not rid:
         with handle._id_lock:
@@ -1349,6 +1353,65 @@ def _discard_replies(handle) -> int:
             q.put_nowait(_FATAL)
             return n
         n += 1
+
+
+class _Pairing:
+    """Which request a reply answers (:func:`request_reply_pairs`, ``mqbtt
+    dump``).  A reply with a non-zero id answers the request with that id; a
+    reply with id 0 answers the latest request if it is still unanswered."""
+
+    def __init__(self, max_pending: int = 10000):
+        self.by_id = {}      # request_id -> (request, id), unanswered, in time order
+        self.last = None     # (request, id) of the latest request while unanswered
+        self.max_pending = max_pending
+
+    def request(self, item, rid) -> list:
+        """Add a request; returns the requests now known to be unanswered."""
+        gone = []
+        if rid:
+            again = self.by_id.pop(rid, None)       # an id seen before: that one is over
+            if again is not None:
+                if again is self.last:
+                    self.last = None
+                gone.append(again[0])
+            if len(self.by_id) >= self.max_pending:    # the oldest: never answered
+                old = self.by_id.pop(next(iter(self.by_id)))
+                if old is self.last:
+                    self.last = None
+                gone.append(old[0])
+        if self.last is not None and not self.last[1]:
+            gone.append(self.last[0])
+        self.last = entry = (item, rid)
+        if rid:
+            self.by_id[rid] = entry
+        return gone
+
+    def reply(self, rid):
+        """The request a reply with id *rid* answers (now answered), or None."""
+        if rid:
+            entry = self.by_id.pop(rid, None)
+        else:
+            entry = self.last
+            if entry is not None and entry[1]:
+                self.by_id.pop(entry[1], None)
+        if entry is None:
+            return None
+        if entry is self.last:
+            self.last = None
+        return entry[0]
+
+    def rest(self) -> list:
+        """The requests still unanswered, in time order."""
+        last = [self.last[0]] if self.last is not None and not self.last[1] else []
+        return [entry[0] for entry in self.by_id.values()] + last
+
+
+def _payload_request_id(subtopic: str, payload: bytes) -> int:
+    """The request_id in a srv/esp payload (0 if none or undecodable)."""
+    try:
+        return (Request if subtopic == "srv" else Reply).from_bytes(payload).request_id
+    except MQbtTDecodeError:
+        return 0
 
 
 def _request_id_of(message) -> int:
@@ -1810,61 +1873,6 @@ def request_reply_pairs(records):
         yield old, None, None
 
 
-class _Pairing:
-    """Which request a reply answers (:func:`request_reply_pairs`, ``mqbtt
-    dump``).  A reply with a non-zero id answers the request with that id; a
-    reply with id 0 answers the latest request if it is still unanswered."""
-
-    def __init__(self, max_pending: int = 10000):
-        self.by_id = {}      # request_id -> (request, id), unanswered, in time order
-        self.last = None     # (request, id) of the latest request while unanswered
-        self.max_pending = max_pending
-
-    def request(self, item, rid) -> list:
-        """Add a request; returns the requests now known to be unanswered."""
-        gone = []
-        if rid:
-            self.by_id.pop(rid, None)
-            if len(self.by_id) >= self.max_pending:    # the oldest: never answered
-                old = self.by_id.pop(next(iter(self.by_id)))
-                if old is self.last:
-                    self.last = None
-                gone.append(old[0])
-        if self.last is not None and not self.last[1]:
-            gone.append(self.last[0])
-        self.last = entry = (item, rid)
-        if rid:
-            self.by_id[rid] = entry
-        return gone
-
-    def reply(self, rid):
-        """The request a reply with id *rid* answers (now answered), or None."""
-        if rid:
-            entry = self.by_id.pop(rid, None)
-        else:
-            entry = self.last
-            if entry is not None and entry[1]:
-                self.by_id.pop(entry[1], None)
-        if entry is None:
-            return None
-        if entry is self.last:
-            self.last = None
-        return entry[0]
-
-    def rest(self) -> list:
-        """The requests still unanswered, in time order."""
-        last = [self.last[0]] if self.last is not None and not self.last[1] else []
-        return [entry[0] for entry in self.by_id.values()] + last
-
-
-def _payload_request_id(subtopic: str, payload: bytes) -> int:
-    """The request_id in a srv/esp payload (0 if none or undecodable)."""
-    try:
-        return (Request if subtopic == "srv" else Reply).from_bytes(payload).request_id
-    except MQbtTDecodeError:
-        return 0
-
-
 def _parse_topic(t: str):
     """(pair_id, subtopic) of ``mqbtt/<pair_id>/<subtopic>``, or None."""
     parts = t.split("/")
@@ -2190,8 +2198,8 @@ def dump(broker_uri: str, pair_id: str, mode: str, out=None, as_json: bool = Fal
     ``optimizer`` receives ``esp`` and ``shr``; in optimizer mode dump also
     listens to ``srv`` (without printing it) to show each reply's round-trip
     time from the request it answers: the one with the reply's
-    ``request_id``, or for a reply without id the latest unanswered request.  It subscribes at QoS 1 (receive
-    times are those of the PUBLISH packets).  It uses a random client id and
+    ``request_id``, or for a reply without id the latest unanswered request.
+    It subscribes at QoS 1 (receive times are those of the PUBLISH packets).  It uses a random client id and
     a clean session, so it never kicks the real optimizer or miner off the
     broker and leaves nothing behind.  Returns after *count* messages (never
     if None) with the number printed; *ready* (a callable) is called once

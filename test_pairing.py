@@ -227,6 +227,14 @@ def test_send_request_ids_fresh_nonzero_and_returned(broker):
             opt.send_request(Request(request_id=-3))
         with pytest.raises(Empty):
             miner.receive_request(timeout=0.3)
+        # not a Request: a TypeError, nothing published
+        for bad in (mqbtt.Share(), Reply(), b"\x08\x01", None):
+            with pytest.raises(TypeError):
+                opt.send_request(bad)
+            with pytest.raises(TypeError):
+                miner.send_reply(bad if not isinstance(bad, Reply) else Request())
+        with pytest.raises(Empty):
+            miner.receive_request(timeout=0.2)
         # non-blocking sends get ids too
         nb = opt.send_request(Request(), blocking=False)
         assert nb.request_id == ids[-1] + 1
@@ -555,6 +563,14 @@ def test_request_reply_pairs_by_order_without_ids():
             _rec(6, 5, "esp", Reply(request_id=2))]        # a late id reply still finds its request
     assert _pairs(recs) == [(1, 2, 1.0), (4, 5, 1.0), (3, 6, 3.0)]
     assert _pairs([]) == []
+
+
+def test_request_reply_pairs_repeated_id_loses_no_request():
+    # the same id twice (a caller's own ids, a replay into the recorded pair)
+    recs = [_rec(1, 0, "srv", Request(request_id=5)),
+            _rec(2, 1, "srv", Request(request_id=5)),
+            _rec(3, 2, "esp", Reply(request_id=5))]
+    assert _pairs(recs) == [(1, None, None), (2, 3, 1.0)]
 
 
 def test_request_reply_pairs_bounded_pending():
