@@ -604,10 +604,12 @@ def _tcp_nodelay(client, userdata, sock, on=True):
 # anew after every packet that gets no answer from us, from paho's callbacks
 # (which run in the network thread right after the packet was read):
 # on_publish (PUBACK, PUBCOMP), on_subscribe (SUBACK), and on_message for
-# QoS 0 messages and manually acknowledged ones.  A packet we answer (PUBLISH
-# at QoS >= 1, PUBREC, PUBREL) needs nothing: the answer carries the ACK; the
-# same holds whenever paho has data waiting to be written.  Where the platform
-# has no TCP_QUICKACK (macOS, Windows, the BSDs) this does nothing.
+# QoS 0 messages.  A packet we answer (PUBLISH at QoS >= 1, PUBREC, PUBREL)
+# needs nothing: the answer carries the ACK; the same holds whenever paho has
+# data waiting to be written.  The recorder, which acknowledges messages only
+# once they are committed, calls it once per batch, right before the commit
+# (per message it would cost a system call each during a flood).  Where the
+# platform has no TCP_QUICKACK (macOS, Windows, the BSDs) this does nothing.
 
 _QUICKACK = []   # [option number or None], resolved on first use
 
@@ -640,20 +642,16 @@ def _install_quickack(client):
         client.on_publish = _quickack
 
 
-def _quickack_after_message(on_message, manual_ack=False):
-    """*on_message* followed by :func:`_quickack` for the messages paho does
-    not answer at once (QoS 0, or every message with *manual_ack*)."""
+def _quickack_after_message(on_message):
+    """*on_message* preceded by :func:`_quickack` for the messages paho does
+    not answer (QoS 0; with ``manual_ack``, the caller acknowledges)."""
     if on_message is None or _quickack_option() is None:
         return on_message
-    if manual_ack:
-        def on_message_quickack(client, userdata, msg):
+
+    def on_message_quickack(client, userdata, msg):
+        if not msg.qos:
             _quickack(client)
-            on_message(client, userdata, msg)
-    else:
-        def on_message_quickack(client, userdata, msg):
-            if not msg.qos:
-                _quickack(client)
-            on_message(client, userdata, msg)
+        on_message(client, userdata, msg)
     return on_message_quickack
 
 
@@ -694,7 +692,7 @@ class _Connection:
         c.on_connect = self._on_connect
         c.on_subscribe = self._on_subscribe
         c.on_disconnect = self._on_disconnect
-        c.on_message = _quickack_after_message(on_message, kwargs.get("manual_ack", False))
+        c.on_message = _quickack_after_message(on_message)
 
     def start(self, timeout=10.0):
         """Connect and subscribe, or raise :exc:`MQbtTConnectionError` within *timeout* s."""
@@ -1879,6 +1877,7 @@ class Recorder:
             if item[2] > 0:
                 unacked += 1
         import sqlite3
+        _quickack(self._conn.client)   # the PUBACKs come only after the commit
         stored = []
         rows = []
         for gen, mid, qos, t, payload, ts in batch:
