@@ -584,6 +584,7 @@ def _paho_client(broker: "BrokerURI", client_id: str, clean_session: bool, **kwa
     c.connect_timeout = 5.0
     c.max_queued_messages_set(0)
     c.on_socket_open = _tcp_nodelay
+    _install_quickack(c)
     return c
 
 
@@ -597,6 +598,72 @@ def _tcp_nodelay(client, userdata, sock, on=True):
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1 if on else 0)
     except (OSError, AttributeError):
         pass
+
+
+###############################################################################
+# Quick ACKs: no delayed-ACK stalls on brokers without set_tcp_nodelay ########
+###############################################################################
+
+# A broker that keeps Nagle's algorithm on (Mosquitto's default: no
+# ``set_tcp_nodelay``) holds a small packet back while its previous one is
+# unacknowledged, and the client's kernel delays its ACK by up to 40 ms when
+# it has nothing to send back: after a PUBACK/PUBCOMP/SUBACK (or a message
+# acknowledged later, as the recorder does), the broker's next packet -- the
+# reply the optimizer waits for -- waits for that ACK.  Linux's TCP_QUICKACK
+# sends the pending ACK at once; the kernel clears it again (it goes back to
+# delayed ACKs as soon as the connection looks interactive), so it is set
+# anew after every packet that gets no answer from us, from paho's callbacks
+# (which run in the network thread right after the packet was read):
+# on_publish (PUBACK, PUBCOMP), on_subscribe (SUBACK), and on_message for
+# QoS 0 messages.  A packet we answer (PUBLISH at QoS >= 1, PUBREC, PUBREL)
+# needs nothing: the answer carries the ACK; the same holds whenever paho has
+# data waiting to be written.  The recorder, which acknowledges messages only
+# once they are committed, calls it once per batch, right before the commit
+# (per message it would cost a system call each during a flood).  Where the
+# platform has no TCP_QUICKACK (macOS, Windows, the BSDs) this does nothing.
+
+_QUICKACK = []   # [option number or None], resolved on first use
+
+
+def _quickack_option():
+    if not _QUICKACK:
+        import socket
+        _QUICKACK.append(getattr(socket, "TCP_QUICKACK", None))
+    return _QUICKACK[0]
+
+
+def _quickack(client, *_):
+    """Make the kernel acknowledge at once what *client*'s socket has
+    received (TCP_QUICKACK); a no-op where the option does not exist, while
+    paho has data to send (it carries the ACK), or without a socket.  Its
+    signature fits paho's callbacks (``on_publish``)."""
+    opt = _QUICKACK[0] if _QUICKACK else _quickack_option()
+    if opt is None or client.want_write():
+        return
+    sock = client.socket()
+    try:   # TCP or TLS socket, or paho's websocket wrapper around one
+        getattr(sock, "_socket", sock).setsockopt(6, opt, 1)   # 6: IPPROTO_TCP
+    except (OSError, AttributeError, TypeError):
+        pass
+
+
+def _install_quickack(client):
+    """Acknowledge PUBACK and PUBCOMP packets at once (paho's ``on_publish``)."""
+    if _quickack_option() is not None:
+        client.on_publish = _quickack
+
+
+def _quickack_after_message(on_message):
+    """*on_message* preceded by :func:`_quickack` for the messages paho does
+    not answer (QoS 0; with ``manual_ack``, the caller acknowledges)."""
+    if on_message is None or _quickack_option() is None:
+        return on_message
+
+    def on_message_quickack(client, userdata, msg):
+        if not msg.qos:
+            _quickack(client)
+        on_message(client, userdata, msg)
+    return on_message_quickack
 
 
 class _Connection:
@@ -636,7 +703,7 @@ class _Connection:
         c.on_connect = self._on_connect
         c.on_subscribe = self._on_subscribe
         c.on_disconnect = self._on_disconnect
-        c.on_message = on_message
+        c.on_message = _quickack_after_message(on_message)
 
     def start(self, timeout=10.0):
         """Connect and subscribe, or raise :exc:`MQbtTConnectionError` within *timeout* s."""
@@ -698,6 +765,7 @@ class _Connection:
             self._on_subscribe(client, userdata, 0, [], None)
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties):
+        _quickack(client)
         bad = [(t, rc) for (t, _), rc in zip(self.subscriptions, reason_codes) if rc.is_failure]
         if bad:
             self._fail(MQbtTSubscribeError(
@@ -2068,6 +2136,7 @@ class Recorder:
             if item[2] > 0:
                 unacked += 1
         import sqlite3
+        _quickack(self._conn.client)   # the PUBACKs come only after the commit
         stored = []
         rows = []
         for gen, mid, qos, t, payload, ts in batch:

@@ -1,11 +1,14 @@
 """mqbtt benchmarks against the raw building blocks, in the same run.
 
-    python3 bench/run.py [--quick] [--only NAME[,NAME...]] [--repeat N]
+    python3 bench/run.py [--quick] [--only NAME[,NAME...]] [--repeat N] [--no-stock]
 
 Starts its own Mosquitto (loopback, ``set_tcp_nodelay true``), runs every
 comparison ``--repeat`` times, prints a table of medians with min-max and the
 ratio to the raw building block, and exits 1 if a target is missed.
-Benchmarks: codec, rtt, shares, record, fleet, query, startup.
+Benchmarks: codec, rtt, shares, record, fleet, query, startup.  rtt, shares and
+record also run on a second, *stock* Mosquitto (only ``listener``,
+``allow_anonymous`` and ``max_queued_messages 0``: no ``set_tcp_nodelay``), in
+the same run.
 """
 import argparse
 import os
@@ -60,6 +63,13 @@ def info(name, unit, values, note=""):
 
 def broker_conf():
     return "max_queued_messages 0\nmax_inflight_messages 20\n"
+
+
+#: the stock broker: Mosquitto as it ships (no set_tcp_nodelay), plus the queue
+#: limit the share and record comparisons need (100,000 queued messages)
+STOCK_CONF = "max_queued_messages 0\n"
+#: the benchmarks that also run on the stock broker
+ON_STOCK = {"rtt", "shares", "record"}
 
 
 # ---------------------------------------------------------------------------
@@ -196,20 +206,25 @@ def pct(xs, p):
     return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
 
 
-def bench_rtt(repeat, quick, broker):
+def bench_rtt(repeat, quick, broker, stock=None):
     n = 300 if quick else 2000
     p50o, p99o, p50r, p99r, all_o, all_r = [], [], [], [], [], []
+    p50s, p99s, all_s = [], [], []
     for k in range(max(repeat, 6)):    # tail latencies need many samples: runs interleaved, pooled
-        if k % 2:      # alternate which side runs first, so order effects cancel out
-            raw = _rtt_raw(broker.uri, f"rawrtt{k}", n)
-            ours = _rtt_ours(broker.uri, f"rtt{k}", n)
-        else:
-            ours = _rtt_ours(broker.uri, f"rtt{k}", n)
-            raw = _rtt_raw(broker.uri, f"rawrtt{k}", n)
+        runs = [("ours", lambda: _rtt_ours(broker.uri, f"rtt{k}", n)),
+                ("raw", lambda: _rtt_raw(broker.uri, f"rawrtt{k}", n))]
+        if stock is not None:
+            runs.append(("stock", lambda: _rtt_ours(stock.uri, f"stockrtt{k}", n)))
+        # rotate which side runs first, so order effects cancel out
+        got = dict((name, fn()) for name, fn in runs[k % len(runs):] + runs[:k % len(runs)])
+        ours, raw = got["ours"], got["raw"]
         all_o += ours
         all_r += raw
         p50o.append(pct(ours, 50)); p99o.append(pct(ours, 99))
         p50r.append(pct(raw, 50)); p99r.append(pct(raw, 99))
+        if stock is not None:
+            all_s += got["stock"]
+            p50s.append(pct(got["stock"], 50)); p99s.append(pct(got["stock"], 99))
     report(f"request→reply RTT p50 (QoS 2, {len(all_o)} exchanges)", "ms", p50o, p50r, "≤ 1.15×",
            False, 1.15, "raw paho + TCP_NODELAY", pooled=(pct(all_o, 50), pct(all_r, 50)))
     report(f"request→reply RTT p99 (QoS 2, {len(all_o)} exchanges)", "ms", p99o, p99r, "≤ 1.15×",
@@ -217,6 +232,16 @@ def bench_rtt(repeat, quick, broker):
     nagle = _rtt_raw(broker.uri, "nagle", 50, nodelay=False)
     info("raw paho RTT p50 without TCP_NODELAY", "ms", [pct(nagle, 50)],
          "(Nagle + delayed ACK: what mqbtt's sockets avoid)")
+    if stock is None:
+        return
+    raw_name = "raw paho + TCP_NODELAY, tuned broker"
+    report(f"STOCK broker: request→reply RTT p50 ({len(all_s)} exchanges)", "ms", p50s, p50r,
+           "≤ 1.15×", False, 1.15, raw_name, pooled=(pct(all_s, 50), pct(all_r, 50)))
+    report(f"STOCK broker: request→reply RTT p99 ({len(all_s)} exchanges)", "ms", p99s, p99r,
+           "≤ 1.15×", False, 1.15, raw_name, pooled=(pct(all_s, 99), pct(all_r, 99)))
+    stall = _rtt_raw(stock.uri, "stockraw", 50 if quick else 100)
+    info("STOCK broker: raw paho + TCP_NODELAY RTT p50", "ms", [pct(stall, 50)],
+         f"(p99 {pct(stall, 99):.4g} ms: the broker's Nagle meets paho's delayed ACKs)")
 
 
 # ---------------------------------------------------------------------------
@@ -288,9 +313,16 @@ def _flood_mosquitto_sub(uri, pid, n, payload):
     return n / (time.perf_counter() - t)
 
 
-def bench_shares(repeat, quick, broker):
+def bench_shares(repeat, quick, broker, stock=None):
     n = 20000 if quick else 100000
     payload = _share_payload()
+    if stock is not None:
+        ours, raw = [], []
+        for k in range(repeat):
+            ours.append(_flood_ours(stock.uri, f"sfo{k}", n, payload))
+            raw.append(_flood_raw(stock.uri, f"sfr{k}", n, payload))
+        report(f"STOCK broker: receive_share, {n} queued shares", "msg/s", ours, raw, "≥ 0.85×",
+               True, 0.85, "raw paho→Queue, stock broker")
     ours, raw, msub = [], [], []
     for k in range(repeat):
         ours.append(_flood_ours(broker.uri, f"fo{k}", n, payload))
@@ -348,9 +380,15 @@ def _record_raw(uri, n, payload):
     return n / (time.perf_counter() - t)
 
 
-def bench_record(repeat, quick, broker):
-    import tempfile
+def bench_record(repeat, quick, broker, stock=None):
     n = 20000 if quick else 50000
+    if stock is not None:
+        _bench_record_on(stock, repeat, n, "STOCK broker: ", ", stock broker")
+    _bench_record_on(broker, repeat, n)
+
+
+def _bench_record_on(broker, repeat, n, prefix="", suffix=""):
+    import tempfile
     ours, raw, lost, dups = [], [], 0, 0
     with tempfile.TemporaryDirectory() as tmp:
         for k in range(repeat):
@@ -361,11 +399,11 @@ def bench_record(repeat, quick, broker):
             lost += lo
             dups += du
             raw.append(_record_raw(broker.uri, n, payloads[0]))
-    report(f"mqbtt record, {n} queued QoS 1 messages", "msg/s", ours, raw, "≥ 0.8×", True, 0.8,
-           "raw paho counting")
-    info("mqbtt record: lost / duplicated", "msgs", [lost], f"(lost {lost}, duplicated {dups})")
+    report(f"{prefix}mqbtt record, {n} queued QoS 1 messages", "msg/s", ours, raw, "≥ 0.8×", True,
+           0.8, "raw paho counting" + suffix)
+    info(f"{prefix}mqbtt record: lost / duplicated", "msgs", [lost], f"(lost {lost}, duplicated {dups})")
     if lost:
-        RESULTS.append(("mqbtt record zero loss", "msgs", [lost], [0], float("inf"), "0 lost", False, "",
+        RESULTS.append((f"{prefix}mqbtt record zero loss", "msgs", [lost], [0], float("inf"), "0 lost", False, "",
                         lost, 0))
 
 
@@ -577,26 +615,33 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--only", help="comma-separated benchmark names")
+    ap.add_argument("--no-stock", action="store_true",
+                    help="skip the runs on the stock broker (no set_tcp_nodelay)")
     a = ap.parse_args(argv)
     names = a.only.split(",") if a.only else list(BENCHES)
     unknown = [n for n in names if n not in BENCHES]
     if unknown:
         ap.error(f"unknown benchmark(s): {', '.join(unknown)}")
     print(f"machine: {machine()}", flush=True)
-    broker = None
+    broker = stock = None
     if NEEDS_BROKER & set(names):
         broker = LocalBroker(extra=broker_conf()).start()
     try:
+        if ON_STOCK & set(names) and not a.no_stock:
+            stock = LocalBroker(stock=True, extra=STOCK_CONF).start()
         for name in names:
             print(f"[{name}]", flush=True)
             fn = BENCHES[name]
-            if name in NEEDS_BROKER:
+            if name in ON_STOCK:
+                fn(a.repeat, a.quick, broker, stock)
+            elif name in NEEDS_BROKER:
                 fn(a.repeat, a.quick, broker)
             else:
                 fn(a.repeat, a.quick)
     finally:
-        if broker:
-            broker.cleanup()
+        for b in (broker, stock):
+            if b:
+                b.cleanup()
     print()
     print("| benchmark | mqbtt (median, min–max) | raw building block (median, min–max) | ratio | target | met |")
     print("|---|---|---|---|---|---|")

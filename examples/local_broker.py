@@ -34,10 +34,14 @@ class LocalBroker:
     :param listeners: additional ``listener ...`` blocks, appended verbatim.
     :param users: ``{user: password}``: only these clients may connect.
     :param acl: the text of an ACL file (e.g. ``pattern readwrite mqbtt/%u/#``).
+    :param stock: a broker configured as Mosquitto ships: only the listener,
+      ``allow_anonymous true``, *extra* and *listeners* (no ``set_tcp_nodelay``,
+      no log; as root also ``user root``, so that it can read files in
+      private temporary directories such as TLS keys).
     """
 
     def __init__(self, port=None, persistence=False, extra="", listeners="", anonymous=True,
-                 users=None, acl=None):
+                 users=None, acl=None, stock=False):
         if shutil.which("mosquitto") is None and not os.path.exists("/usr/sbin/mosquitto"):
             raise RuntimeError("mosquitto is not installed (apt-get install mosquitto)")
         self.port = port or free_port()
@@ -50,6 +54,7 @@ class LocalBroker:
         self.log_path = os.path.join(self.dir, "mosquitto.log")
         self.users = users
         self.acl = acl
+        self.stock = stock
         if users:
             self.anonymous = False
             self.set_users(users)
@@ -72,6 +77,15 @@ class LocalBroker:
         return f"mqtt://127.0.0.1:{self.port}"
 
     def config(self) -> str:
+        if self.stock:
+            return "\n".join([
+                "user root" if hasattr(os, "geteuid") and os.geteuid() == 0 else "",
+                f"listener {self.port} 127.0.0.1",
+                "allow_anonymous true",
+                "log_dest none",   # the stderr pipe is read only if it fails to start
+                self.extra,
+                self.listeners,
+            ]) + "\n"
         lines = [
             # as root, mosquitto would drop to the "mosquitto" user, which cannot read
             # the private temporary directories this broker's files live in
