@@ -54,7 +54,9 @@ __all__ = [
     # exceptions
     "MQbtTError", "MQbtTDecodeError", "MQbtTConnectionError",
     "MQbtTSubscribeError", "MQbtTSendError", "MQbtTSendTimeout",
-    "APIException",
+    "APIException", "MQbtTConfigError",
+    # secrets and text from the wire
+    "safe_text", "BrokerURI",
     # external services (AxeOS, OpenObserve)
     "pid2url", "axeos_info", "axeos_restart", "o2_history", "restart", "wslog",
     "config_path", "HTTP_TIMEOUT", "AXEOS_PRIVATE_NETWORKS",
@@ -119,6 +121,82 @@ class MQbtTSendTimeout(MQbtTSendError, TimeoutError):
 class APIException(MQbtTError):
     """An AxeOS or OpenObserve API call failed (network error, timeout, HTTP
     error status or an unusable answer); the message says what and where."""
+
+
+class MQbtTConfigError(MQbtTError, ValueError):
+    """The configuration file (see :func:`config_path`) cannot be used: it
+    is missing (when named by ``$MQBTT_CONFIG``), unreadable or not valid INI.
+
+    The message is one line naming the file and, for syntax errors, the line
+    number; it never quotes the file's content (which may hold a password).
+    ``path`` and ``lineno`` (or None) are attributes."""
+
+    def __init__(self, message, path=None, lineno=None):
+        super().__init__(message)
+        self.path = path
+        self.lineno = lineno
+
+
+###############################################################################
+# Safe text: what a miner sends, made harmless for terminals and log files ####
+###############################################################################
+
+# Terminal escape sequences, 7-bit (ESC ...) and 8-bit (C1) forms: CSI
+# (colours, cursor moves), OSC (titles, hyperlinks, clipboard) up to BEL or
+# ST, DCS/SOS/PM/APC strings up to ST, and any other ESC sequence.  Their
+# parameter classes exclude ESC, so a sequence nested in another never
+# matches as one: its ESC is caught by the control-character branch below.
+_ESCAPE_SEQUENCE = (r"(?:\x1b\[|\x9b)[0-?]*[ -/]*[@-~]"
+                    r"|(?:\x1b\]|\x9d)[^\x07\x1b\x9c]*(?:\x07|\x1b\\|\x9c)"
+                    r"|(?:\x1b[PX^_]|[\x90\x98\x9e\x9f])[^\x1b\x9c]*(?:\x1b\\|\x9c)"
+                    r"|\x1b[ -/]*[0-~]")
+# C0 controls but tab, DEL, C1 controls, the bidirectional marks, embeddings,
+# overrides and isolates ("Trojan Source"), line/paragraph separators, and
+# lone surrogates (undecodable bytes; they cannot even be printed as UTF-8)
+_UNSAFE_CHARACTER = ("[\x00-\x08\x0a-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029"
+                     "\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+_unsafe_re = None
+
+
+def _escape_unsafe(m) -> str:
+    text = m.group(0)
+    if len(text) > 1 or text in "\x1b\x9b\x9d":  # an escape sequence (or a lone ESC/CSI/OSC)
+        return "" if len(text) > 1 else f"\\x{ord(text):02x}"
+    c = ord(text)
+    if c in (10, 13):
+        return "\\n" if c == 10 else "\\r"
+    return f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
+
+
+def safe_text(text) -> str:
+    """*text* made safe to print on a terminal or write to a log file, as one line.
+
+    Terminal escape sequences (ANSI colours, cursor moves, window titles,
+    hyperlinks; 7-bit and C1 forms) are removed in one pass; every other
+    control character but tab (C0, DEL, C1, so also line breaks), the
+    Unicode bidirectional overrides, embeddings, isolates and marks, the
+    line and paragraph separators and lone surrogates are replaced by their
+    escape (``\\x1b``, ``\\u202e``), so nothing in the result can move the
+    cursor, recolour or retitle a terminal, reorder text or start a new
+    line.  Printable text, tabs included, comes back unchanged.  Nested or
+    cut sequences (``ESC [ ESC [31m 31m``) leave no working escape: the
+    result contains no ESC and no C1 character at all.
+
+    mqbtt passes through it every text that comes from a miner, a broker or
+    a server before it reaches a terminal or a log file (``dump``, ``wslog``,
+    error messages, the examples).
+
+    :param text: a string (anything else is converted with ``str()``)
+    :returns: the neutralised string"""
+    global _unsafe_re
+    if not isinstance(text, str):
+        text = str(text)
+    if text.isprintable():  # no control, format or separator character at all: fast path
+        return text
+    if _unsafe_re is None:
+        import re
+        _unsafe_re = re.compile(f"{_ESCAPE_SEQUENCE}|{_UNSAFE_CHARACTER}")
+    return _unsafe_re.sub(_escape_unsafe, text)
 
 
 ###############################################################################
@@ -439,9 +517,15 @@ class BrokerURI:
 
     Accepted forms: ``host``, ``host:port``, ``mqtt://[user[:password]@]host[:port]``,
     ``mqtts://…`` (TLS, default port 8883, system CAs or ``?cafile=PATH``;
-    ``?insecure=1`` skips certificate checks), ``ws://…`` and ``wss://…``
+    ``?insecure=1`` skips certificate checks; ``?certfile=PATH&keyfile=PATH``
+    presents a client certificate, for mutual TLS), ``ws://…`` and ``wss://…``
     (MQTT over websockets, default ports 80/443, path default ``/mqtt``).
-    The password never appears in ``str()`` or ``repr()``.
+
+    The user information ends at the *last* ``@`` (as browsers read it), so
+    a password may contain ``/ ? # : @`` unencoded; an ``@`` in a path or an
+    option must then be written ``%40``.  A user name or password the URI
+    leaves out is taken from ``$MQBTT_USERNAME`` / ``$MQBTT_PASSWORD``.
+    The password never appears in ``str()``, ``repr()`` or error messages.
     """
     scheme: str
     host: str
@@ -451,48 +535,80 @@ class BrokerURI:
     path: str = "/mqtt"
     cafile: str | None = None
     insecure: bool = False
+    certfile: str | None = None
+    keyfile: str | None = None
 
     _PORTS = {"mqtt": 1883, "mqtts": 8883, "ws": 80, "wss": 443}
+    _OPTIONS = ("cafile", "insecure", "certfile", "keyfile")
 
     @classmethod
-    def parse(cls, uri: str) -> "BrokerURI":
-        """Parse *uri*; raise ValueError with a one-line reason if it is not valid."""
+    def parse(cls, uri: str, environ=None) -> "BrokerURI":
+        """Parse *uri*; raise ValueError with a one-line reason if it is not valid.
+
+        :param environ: where ``MQBTT_USERNAME``/``MQBTT_PASSWORD`` are read
+          (default: :data:`os.environ`)"""
         from urllib.parse import urlsplit, parse_qs, unquote
         if not isinstance(uri, str) or not uri.strip():
             raise ValueError("invalid broker URI: empty")
         text = uri.strip()
-        if "://" not in text:
-            text = "mqtt://" + text
+        shown = _redact(text)
+        scheme, userinfo, rest = _split_userinfo(text)
+        if scheme is None:
+            scheme = "mqtt"
         try:
-            u = urlsplit(text)
+            u = urlsplit(f"{scheme}://{rest}")
             port = u.port
         except ValueError as err:
-            # urllib's message may quote part of a password: never show it
             reason = ("port out of range 1-65535" if "out of range" in str(err) else
-                      "invalid port or address (percent-encode / ? # @ in a password)")
-            raise ValueError(f"invalid broker URI {_redact(uri)!r}: {reason}") from None
+                      "invalid port or address")
+            raise ValueError(f"invalid broker URI {shown!r}: {reason}") from None
         if port == 0:
-            raise ValueError(f"invalid broker URI {_redact(uri)!r}: port out of range 1-65535")
-        scheme = u.scheme.lower()
+            raise ValueError(f"invalid broker URI {shown!r}: port out of range 1-65535")
+        scheme = scheme.lower()
         if scheme in ("tcp",):
             scheme = "mqtt"
         if scheme in ("ssl", "tls"):
             scheme = "mqtts"
         if scheme not in cls._PORTS:
-            raise ValueError(f"invalid broker URI {_redact(uri)!r}: unknown scheme {u.scheme!r} "
-                             "(use mqtt, mqtts, ws or wss)")
+            # the URI is not shown: what looks like a scheme may be a user name
+            raise ValueError("invalid broker URI: unknown scheme (use mqtt, mqtts, ws or wss)")
+        netloc = rest.split("/", 1)[0].split("?", 1)[0].split("#", 1)[0]
         if not u.hostname:
-            raise ValueError(f"invalid broker URI {_redact(uri)!r}: no host")
+            raise ValueError(f"invalid broker URI {shown!r}: no host")
+        if not netloc.isprintable() or any(c.isspace() or c in "\\<>\"'{}|^`" for c in netloc):
+            raise ValueError(f"invalid broker URI {shown!r}: invalid host")
         query = parse_qs(u.query)
-        unknown = set(query) - {"cafile", "insecure"}
+        unknown = set(query) - set(cls._OPTIONS)
         if unknown:
-            raise ValueError(f"invalid broker URI {_redact(uri)!r}: unknown option(s) {', '.join(sorted(unknown))}")
+            raise ValueError(f"invalid broker URI {shown!r}: unknown option(s) "
+                             f"{safe_text(', '.join(sorted(unknown)))}")
+        username = password = None
+        if userinfo is not None:
+            user, colon, pw = userinfo.partition(":")
+            username = unquote(user)
+            password = unquote(pw) if colon else None
+        env = os.environ if environ is None else environ
+        if username is None:
+            username = env.get("MQBTT_USERNAME") or None
+        if password is None and username is not None:
+            password = env.get("MQBTT_PASSWORD") or None
+        if password is None and env.get("MQBTT_PASSWORD") and username is None:
+            raise ValueError("$MQBTT_PASSWORD is set but no user name is given "
+                             "(in the broker URI or $MQBTT_USERNAME)")
+        opt = {k: v[-1] for k, v in query.items()}
+        certfile = os.path.expanduser(opt["certfile"]) if opt.get("certfile") else None
+        keyfile = os.path.expanduser(opt["keyfile"]) if opt.get("keyfile") else None
+        if (certfile or keyfile) and scheme not in ("mqtts", "wss"):
+            raise ValueError(f"invalid broker URI {shown!r}: certfile/keyfile need TLS "
+                             "(mqtts:// or wss://)")
+        if keyfile and not certfile:
+            raise ValueError(f"invalid broker URI {shown!r}: keyfile without certfile")
         path = u.path or "/mqtt"
         return cls(scheme=scheme, host=u.hostname, port=port or cls._PORTS[scheme],
-                   username=unquote(u.username) if u.username is not None else None,
-                   password=unquote(u.password) if u.password is not None else None,
-                   path=path, cafile=query.get("cafile", [None])[-1],
-                   insecure=query.get("insecure", ["0"])[-1].lower() in ("1", "true", "yes"))
+                   username=username, password=password,
+                   path=path, cafile=opt.get("cafile"),
+                   insecure=opt.get("insecure", "0").lower() in ("1", "true", "yes"),
+                   certfile=certfile, keyfile=keyfile)
 
     @property
     def tls(self) -> bool:
@@ -511,19 +627,29 @@ class BrokerURI:
         return f"{self.scheme}://{user}{host}:{self.port}{path}"
 
 
+def _split_userinfo(text: str) -> tuple:
+    """``(scheme or None, userinfo or None, rest)`` of a URI: the user
+    information runs from ``//`` to the *last* ``@`` (as browsers read a
+    URI), so a password may hold ``/ ? # : @``; *rest* is the host, port,
+    path and query.  Without ``scheme://`` the text starts with the
+    authority (``user:pw@host:port``)."""
+    import re
+    m = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", text)
+    scheme, rest = (m.group(1), text[m.end():]) if m else (None, text)
+    userinfo, at, hostpart = rest.rpartition("@")
+    return (scheme, userinfo, hostpart) if at else (scheme, None, rest)
+
+
 def _redact(uri: str) -> str:
     """*uri* with any password replaced by ``***``: everything between the
     first ``:`` of the user information and its last ``@`` (a password may
     itself contain ``/``, ``@``, ``#`` or ``?``)."""
     uri = str(uri)
-    scheme, sep, rest = uri.partition("//")
-    if not sep:
-        scheme, rest = "", uri
-    userinfo, at, hostpart = rest.rpartition("@")
-    if not at or ":" not in userinfo:
+    scheme, userinfo, rest = _split_userinfo(uri.strip())
+    if userinfo is None or ":" not in userinfo:
         return uri
     user = userinfo.split(":", 1)[0]
-    return f"{scheme}{sep}{user}:***@{hostpart}"
+    return f"{scheme + '://' if scheme is not None else ''}{user}:***@{rest}"
 
 
 def default_broker() -> str:
@@ -561,12 +687,7 @@ def _paho_client(broker: "BrokerURI", client_id: str, clean_session: bool, **kwa
     if b.transport == "websockets":
         c.ws_set_options(path=b.path)
     if b.tls:
-        import ssl
-        ctx = ssl.create_default_context(cafile=b.cafile)
-        if b.insecure:
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_NONE
-        c.tls_set_context(ctx)
+        c.tls_set_context(_tls_context(b))
     if b.username is not None:
         c.username_pw_set(b.username, b.password)
     c.reconnect_delay_set(1, 30)
@@ -574,6 +695,46 @@ def _paho_client(broker: "BrokerURI", client_id: str, clean_session: bool, **kwa
     c.max_queued_messages_set(0)
     c.on_socket_open = _tcp_nodelay
     return c
+
+
+def _tls_context(b: "BrokerURI"):
+    """The TLS context of *b*: its CA file (else the system CAs), optional
+    verification, and its client certificate (``certfile``/``keyfile``, for
+    brokers with ``require_certificate true``).
+
+    :raises MQbtTConnectionError: in one line, if a file cannot be used
+      (missing, unreadable, not PEM, key not matching the certificate, or an
+      encrypted key: mqbtt never prompts for a passphrase)."""
+    import ssl
+
+    class _Encrypted(Exception):
+        pass
+
+    def no_passphrase():
+        raise _Encrypted()
+
+    try:
+        ctx = ssl.create_default_context(cafile=b.cafile)
+    except (OSError, ssl.SSLError) as err:
+        raise MQbtTConnectionError(f"cannot use the CA file {b.cafile} of {b}: "
+                                   f"{err.strerror or err}") from None
+    if b.insecure:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    if b.certfile:
+        files = b.certfile + (f" and key {b.keyfile}" if b.keyfile else "")
+        try:
+            ctx.load_cert_chain(b.certfile, b.keyfile, password=no_passphrase)
+        except _Encrypted:
+            raise MQbtTConnectionError(f"cannot use the client certificate {files}: the key is "
+                                       "encrypted (decrypt it: openssl pkey -in KEY -out NEW)") from None
+        except ssl.SSLError as err:
+            raise MQbtTConnectionError(f"cannot use the client certificate {files}: not a PEM "
+                                       f"certificate with its matching key ({err.reason or err})") from None
+        except OSError as err:
+            raise MQbtTConnectionError(f"cannot use the client certificate {files}: "
+                                       f"{err.strerror or err}") from None
+    return ctx
 
 
 def _tcp_nodelay(client, userdata, sock, on=True):
@@ -2101,26 +2262,85 @@ def config_path() -> str:
 def _config():
     """The parsed configuration file (empty when the default file is absent).
 
-    :raises ValueError: if ``$MQBTT_CONFIG`` names a missing file or the file
-      is not valid INI (the message gives line numbers, never line contents,
-      which may hold a password)."""
+    Warns once (on the ``mqbtt`` logger, as ssh does for its keys) when the
+    file holds a password and others than its owner may read it.
+
+    :raises MQbtTConfigError: (a :exc:`ValueError`) if ``$MQBTT_CONFIG``
+      names a missing file, or the file is unreadable or not valid INI (the
+      message gives the file and line number, never line contents, which
+      may hold a password)."""
     import configparser
     path = config_path()
     cp = configparser.ConfigParser(interpolation=None)
     cp.optionxform = str  # pair ids are case-sensitive
     try:
-        with open(path, encoding="utf-8") as f:
-            cp.read_file(f, source=path)
+        with open(path, "rb") as f:
+            data = f.read((1 << 20) + 1)
+            mode = os.fstat(f.fileno()).st_mode
     except FileNotFoundError:
         if os.environ.get("MQBTT_CONFIG"):
-            raise ValueError(f"configuration file {path} (from $MQBTT_CONFIG) does not exist") from None
-    except configparser.ParsingError as err:
-        lines = ", ".join(str(n) for n, _ in err.errors) or str(getattr(err, "lineno", "?"))
-        raise ValueError(f"invalid configuration file {path} (line {lines}): "
-                         "expected [section] headers and 'key = value' lines") from None
-    except configparser.Error as err:  # duplicate section/option: names only
-        raise ValueError(f"invalid configuration file {path}: {' '.join(str(err).split())}") from None
+            raise MQbtTConfigError(f"configuration file {path} (from $MQBTT_CONFIG) does not "
+                                   "exist", path) from None
+        return cp
+    except OSError as err:
+        raise MQbtTConfigError(f"cannot read configuration file {path}: "
+                               f"{err.strerror or type(err).__name__}", path) from None
+    if len(data) > 1 << 20:
+        raise MQbtTConfigError(f"invalid configuration file {path}: larger than 1 MiB", path)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        lineno = data.count(b"\n", 0, err.start) + 1
+        raise MQbtTConfigError(f"invalid configuration file {path}, line {lineno}: "
+                               "not UTF-8 text", path, lineno) from None
+    try:
+        cp.read_string(text, source=path)
+    except configparser.Error as err:
+        raise _config_error(path, err) from None
+    _warn_if_exposed(path, mode, cp)
     return cp
+
+
+def _config_error(path: str, err) -> "MQbtTConfigError":
+    """A one-line :exc:`MQbtTConfigError` for the configparser error *err*:
+    the file, the line number(s) and the kind of error, never a line's content."""
+    import configparser
+    errors = getattr(err, "errors", None) or []   # ParsingError (3.12+: not on its subclasses)
+    numbers = [n for n, *_ in errors if isinstance(n, int)]
+    lineno = getattr(err, "lineno", None)
+    if lineno is not None and lineno not in numbers:
+        numbers.insert(0, lineno)
+    where = (f", line {numbers[0]}" if len(numbers) == 1 else
+             f", lines {', '.join(map(str, numbers))}" if numbers else "")
+    if isinstance(err, configparser.MissingSectionHeaderError):
+        what = "a setting before the first [section] header"
+    elif isinstance(err, configparser.DuplicateSectionError):
+        what = f"section [{safe_text(err.section)}] appears twice"
+    elif isinstance(err, configparser.DuplicateOptionError):
+        what = f"'{safe_text(err.option)}' appears twice in section [{safe_text(err.section)}]"
+    elif isinstance(err, configparser.ParsingError):
+        what = "expected a [section] header or a 'key = value' line"
+    else:
+        what = f"not a valid INI file ({type(err).__name__})"
+    return MQbtTConfigError(f"invalid configuration file {path}{where}: {what}", path,
+                            numbers[0] if numbers else None)
+
+
+_exposed_warned = set()
+
+
+def _warn_if_exposed(path: str, mode: int, cp) -> None:
+    """Log a warning (once per file) if *cp* holds a password and the file's
+    permissions let others than its owner read it."""
+    import stat
+    if not mode & 0o077 or path in _exposed_warned:
+        return
+    if not any(cp.get(section, "password", fallback="") for section in cp.sections()):
+        return
+    _exposed_warned.add(path)
+    log.warning("WARNING: UNPROTECTED CONFIGURATION FILE! Permissions %04o for '%s' are too "
+                "open: it holds a password that other users can read. Run: chmod 600 '%s'",
+                stat.S_IMODE(mode), path, path)
 
 
 def _base_url(text: str, what: str) -> str:
