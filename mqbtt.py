@@ -2217,6 +2217,160 @@ def replay(db_path: str, broker_uri: str, pair_id: str, to_pid: str | None = Non
 
 
 ###############################################################################
+# Bounded HTTP: a total deadline and a size limit for every call ##############
+###############################################################################
+
+#: The largest answer an AxeOS or OpenObserve call accepts, in bytes
+#: (ESP-Miner's system info is about 2 KB).  Larger ones raise :exc:`APIException`.
+HTTP_MAX_BYTES = 1 << 20
+
+
+class _AnswerTooLarge(Exception):
+    pass
+
+
+class _Deadline:
+    """The total deadline of one HTTP call: when *timeout* seconds have
+    passed, every socket the call opened is shut down, which wakes any read
+    blocked on it (a server trickling a byte at a time never times out a
+    per-read timeout)."""
+
+    def __init__(self, timeout: float):
+        self.timeout = timeout
+        self.end = time.monotonic() + timeout
+        self.fired = False
+        self._socks = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(timeout, self._fire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def left(self) -> float:
+        return max(0.001, self.end - time.monotonic())
+
+    def add(self, sock) -> None:
+        import socket
+        watched = socket.fromfd(sock.fileno(), sock.family, sock.type)  # a dup: survives TLS wrapping
+        with self._lock:
+            self._socks.append(watched)
+            if self.fired:
+                self._shutdown(watched)
+
+    @staticmethod
+    def _shutdown(sock):
+        import socket
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _fire(self):
+        with self._lock:
+            self.fired = True
+            for sock in self._socks:
+                self._shutdown(sock)
+
+    def close(self):
+        self._timer.cancel()
+        with self._lock:
+            for sock in self._socks:
+                sock.close()
+            self._socks = []
+
+
+def _bounded_session(deadline: _Deadline):
+    """A :class:`requests.Session` whose connections register their sockets
+    with *deadline* (urllib3's documented ``ConnectionCls`` and
+    ``pool_classes_by_scheme`` hooks)."""
+    import requests
+    from requests.adapters import HTTPAdapter
+    from urllib3.connection import HTTPConnection, HTTPSConnection
+    from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+
+    def watched(base):
+        class Watched(base):
+            def _new_conn(self):
+                sock = super()._new_conn()
+                deadline.add(sock)
+                return sock
+        return Watched
+
+    class Pool(HTTPConnectionPool):
+        ConnectionCls = watched(HTTPConnection)
+
+    class TLSPool(HTTPSConnectionPool):
+        ConnectionCls = watched(HTTPSConnection)
+
+    pools = {"http": Pool, "https": TLSPool}
+
+    class Adapter(HTTPAdapter):
+        def init_poolmanager(self, *args, **kwargs):
+            super().init_poolmanager(*args, **kwargs)
+            self.poolmanager.pool_classes_by_scheme = pools
+
+        def proxy_manager_for(self, proxy, **kwargs):
+            manager = super().proxy_manager_for(proxy, **kwargs)
+            manager.pool_classes_by_scheme = pools
+            return manager
+
+    session = requests.Session()
+    session.mount("http://", Adapter())
+    session.mount("https://", Adapter())
+    return session
+
+
+def _bounded_request(method: str, url: str, timeout: float, max_bytes: int, out=None, **kwargs):
+    """One HTTP request (no redirect followed) that ends within *timeout*
+    seconds in total and reads at most *max_bytes* of answer.
+
+    The body is read as a stream: into ``r.content`` (so ``r.json()`` and
+    ``r.text`` work), or, for a 200 answer, written to the binary file *out*.
+
+    :raises _AnswerTooLarge: beyond *max_bytes* (announced or received)
+    :raises requests.RequestException: on network errors; when the deadline
+      passed, ``err.mqbtt_deadline`` is true (see :func:`_deadline_passed`)"""
+    import requests
+    deadline = _Deadline(timeout)
+    try:
+        with _bounded_session(deadline) as session:
+            try:
+                r = session.request(method, url, timeout=(timeout, timeout), stream=True,
+                                    allow_redirects=False, **kwargs)
+                try:
+                    length = r.headers.get("Content-Length", "")
+                    if length.strip().isdigit() and int(length) > max_bytes:
+                        raise _AnswerTooLarge()
+                    size, body = 0, bytearray()
+                    for chunk in r.iter_content(1 << 16):
+                        size += len(chunk)
+                        if size > max_bytes:
+                            raise _AnswerTooLarge()
+                        if out is None or r.status_code != 200:  # out gets only a 200's body
+                            body += chunk
+                        else:
+                            out.write(chunk)
+                    r._content = bytes(body)   # what requests' own .content would hold
+                finally:
+                    r.close()
+            except requests.RequestException as err:
+                err.mqbtt_deadline = deadline.fired
+                raise
+            if deadline.fired:  # the shutdown can look like a clean end of a body without length
+                err = requests.exceptions.ReadTimeout("total deadline passed")
+                err.mqbtt_deadline = True
+                raise err
+            return r
+    finally:
+        deadline.close()
+
+
+def _deadline_passed(err) -> bool:
+    """Whether the requests error *err* comes from a total deadline (or is a timeout)."""
+    import requests
+    return bool(getattr(err, "mqbtt_deadline", False)) or isinstance(err, requests.Timeout)
+
+
+###############################################################################
 # External services: AxeOS and OpenObserve ####################################
 ###############################################################################
 
@@ -2417,23 +2571,25 @@ def _http(method: str, url: str, what: str, *, timeout=None, auth=None, json_bod
     hint = ("; the device may restart anyway: check it with 'axeos_info' before trying again"
             if no_retry_hint else "")
     try:
-        return requests.request(method, url, timeout=timeout, auth=auth, json=json_body,
-                                allow_redirects=False,
+        return _bounded_request(method, url, timeout, HTTP_MAX_BYTES, auth=auth, json=json_body,
                                 headers={"Accept": "application/json, text/plain;q=0.9, */*;q=0.5",
                                          "User-Agent": f"mqbtt/{__version__}"})
+    except _AnswerTooLarge:
+        raise APIException(f"{what}: {where}: the answer is larger than {HTTP_MAX_BYTES} bytes "
+                           "(mqbtt.HTTP_MAX_BYTES)") from None
     except requests.exceptions.ConnectTimeout:
         raise APIException(f"{what}: {where}: cannot connect within {timeout:g} s") from None
-    except requests.exceptions.Timeout:
-        raise APIException(f"{what}: {where}: no answer within {timeout:g} s{hint}") from None
-    except requests.exceptions.ConnectionError as err:
-        connected, reason = _net_reason(err)
-        if connected:
-            raise APIException(f"{what}: {where}: connection lost before an answer "
-                               f"({reason}){hint}") from None
-        raise APIException(f"{what}: {where}: cannot connect ({reason})") from None
     except requests.exceptions.RequestException as err:
+        if _deadline_passed(err):   # per-read timeout, or the total deadline
+            raise APIException(f"{what}: {where}: no answer within {timeout:g} s{hint}") from None
+        if isinstance(err, requests.exceptions.ConnectionError):
+            connected, reason = _net_reason(err)
+            if connected:
+                raise APIException(f"{what}: {where}: connection lost before an answer "
+                                   f"({reason}){hint}") from None
+            raise APIException(f"{what}: {where}: cannot connect ({reason})") from None
         raise APIException(f"{what}: {where}: {type(err).__name__}: "
-                           f"{' '.join(str(err).split())[:200]}") from None
+                           f"{safe_text(' '.join(str(err).split())[:200])}") from None
 
 
 def _snippet(r, limit: int = 200) -> str:
@@ -2713,6 +2869,15 @@ def restart(pid: str, detail: str = "", *, wait: float | None = None, history: b
     return result
 
 
+#: The longest line :func:`wslog` writes, in characters; a longer line is
+#: split into pieces of this length, each but the last ending with
+#: :data:`WSLOG_SPLIT_MARK` (AxeOS log lines are well under 1000 characters).
+WSLOG_MAX_LINE = 16384
+
+#: What ends each piece of a line that :func:`wslog` had to split.
+WSLOG_SPLIT_MARK = " [mqbtt: line split]"
+
+
 def _ws_url(base: str) -> str:
     return ("wss" if base.startswith("https:") else "ws") + base[base.index(":"):] + "/api/ws"
 
@@ -2724,7 +2889,10 @@ def wslog(pid: str, path: str, *, duration: float | None = None, stop=None,
 
     Frames are plain text; they may split a line or join several, and carry
     ANSI colour codes: complete lines are reassembled, stripped of escape
-    sequences and ``\\r``, appended and flushed one by one.  A dropped
+    sequences and ``\\r``, other control characters neutralised (see
+    :func:`safe_text`), appended and flushed one by one.  A line longer than
+    :data:`WSLOG_MAX_LINE` characters is split, each piece but the last
+    ending with :data:`WSLOG_SPLIT_MARK`.  A dropped
     connection is re-established with exponential back-off (*backoff*:
     first and maximum delay in seconds, reset once data flows again); a line
     cut by the drop is written as it is.  The first connection must succeed.
@@ -2749,9 +2917,7 @@ def wslog(pid: str, path: str, *, duration: float | None = None, stop=None,
       websocket).
     :raises OSError: if the file cannot be written."""
     import codecs
-    import re
     import websocket
-    ansi = re.compile(_ANSI_PATTERN)
     url = _ws_url(pid2url(pid))
     where = f"AxeOS websocket log: {_redact(url)}"
     say = progress or (lambda event, message: event == "lost" and log.warning("wslog: %s", message))
@@ -2782,9 +2948,35 @@ def wslog(pid: str, path: str, *, duration: float | None = None, stop=None,
     with open(path, "a", encoding="utf-8") as f:
         def emit(text):
             nonlocal count
-            f.write(ansi.sub("", text).replace("\r", "") + "\n")
+            f.write(safe_text(text.replace("\r", "")) + "\n")
             f.flush()
             count += 1
+
+        def take_lines(text):
+            """Add *text* to the pending line; write every complete line, and
+            split a line longer than WSLOG_MAX_LINE (each piece but the last
+            ends with WSLOG_SPLIT_MARK).  Only new text is scanned, and the
+            pending line stays bounded: linear in the stream's length."""
+            nonlocal pending
+            *lines, rest = text.split("\n")
+            for line in lines:
+                _long(pending + line)
+                pending = ""
+            pending += rest
+            if len(pending) > WSLOG_MAX_LINE:
+                pending = _long(pending, keep_tail=True)
+
+        def _long(line, keep_tail=False):
+            """Write *line* in pieces of WSLOG_MAX_LINE characters; with
+            *keep_tail*, return the last (incomplete) piece instead."""
+            start = 0
+            while len(line) - start > WSLOG_MAX_LINE:
+                emit(line[start:start + WSLOG_MAX_LINE] + WSLOG_SPLIT_MARK)
+                start += WSLOG_MAX_LINE
+            if keep_tail:
+                return line[start:]
+            emit(line[start:])
+            return ""
 
         decoder = None
         try:
@@ -2829,10 +3021,7 @@ def wslog(pid: str, path: str, *, duration: float | None = None, stop=None,
                             if opcode == websocket.ABNF.OPCODE_CLOSE:
                                 break
                             got_data = True
-                            pending += decoder.decode(data if isinstance(data, bytes) else data.encode())
-                            *lines, pending = pending.split("\n")
-                            for line in lines:
-                                emit(line)
+                            take_lines(decoder.decode(data if isinstance(data, bytes) else data.encode()))
                     except (OSError, websocket.WebSocketException) as err:
                         reason = " ".join(str(err).split())[:200] or type(err).__name__
                     finally:
@@ -2954,23 +3143,96 @@ def _version_key(version: str) -> tuple:
     return tuple(numbers), m.group(2) == "", m.group(2)
 
 
-def _fetch(url: str, timeout: float, out=None) -> bytes:
-    """GET *url*; write the body to the binary file *out* (return b"") or return it."""
-    import requests
+#: The largest ``mqbtt.pyz`` that :func:`upgrade` downloads, in bytes (a
+#: release is about 1.2 MB); ``mqbtt.pyz.sha256`` may have at most 4 KiB.
+UPGRADE_MAX_BYTES = 64 << 20
+
+
+def _check_release_url(url: str) -> None:
+    """Refuse a release URL that is not ``https://``, except ``http://`` to
+    this machine (``localhost``, 127.0.0.0/8, ``::1``): a plain-HTTP
+    download can be replaced on the way, checksum included."""
+    import ipaddress
+    from urllib.parse import urlsplit
     try:
-        with requests.get(url, timeout=timeout, stream=out is not None,
-                          headers={"User-Agent": f"mqbtt/{__version__}"}) as r:
-            if r.status_code != 200:
-                raise MQbtTError(f"cannot download {_redact(url)}: HTTP {r.status_code} {r.reason}")
-            if out is None:
-                return r.content
-            for chunk in r.iter_content(1 << 16):
-                out.write(chunk)
-            return b""
-    except requests.Timeout:
-        raise MQbtTError(f"cannot download {_redact(url)}: no answer within {timeout:g} s") from None
-    except requests.RequestException as err:
-        raise MQbtTError(f"cannot download {_redact(url)}: {_net_reason(err)[1]}") from None
+        u = urlsplit(url)
+        scheme, host = u.scheme.lower(), (u.hostname or "")
+    except ValueError:
+        raise MQbtTError(f"invalid release URL {_redact(url)!r}") from None
+    if scheme == "https" and host:
+        return
+    if scheme == "http" and host:
+        try:
+            loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = False
+        if loopback:
+            return
+        raise MQbtTError(f"refusing plain http:// for {_redact(url)}: use https:// "
+                         "(http:// is accepted only for this machine: localhost, 127.0.0.0/8, ::1)")
+    raise MQbtTError(f"invalid release URL {_redact(url)!r}: https://HOST/... expected")
+
+
+def _fetch(url: str, timeout: float, out=None, max_bytes: int = 4096) -> bytes:
+    """GET *url* within *timeout* seconds in total, following up to 5
+    redirects (each must pass :func:`_check_release_url`); write the body to
+    the binary file *out* (return b"") or return it.  At most *max_bytes*.
+
+    :raises MQbtTError: in one line, the URL's password redacted"""
+    import requests
+    from urllib.parse import urljoin
+    shown = _redact(url)
+    end = time.monotonic() + timeout
+    for _ in range(6):
+        _check_release_url(url)
+        left = end - time.monotonic()
+        if left <= 0:
+            break
+        try:
+            r = _bounded_request("GET", url, left, max_bytes, out=out,
+                                 headers={"User-Agent": f"mqbtt/{__version__}"})
+        except _AnswerTooLarge:
+            raise MQbtTError(f"cannot download {shown}: larger than {max_bytes} bytes") from None
+        except requests.RequestException as err:
+            if _deadline_passed(err):
+                break
+            raise MQbtTError(f"cannot download {shown}: {_net_reason(err)[1]}") from None
+        if r.status_code in (301, 302, 303, 307, 308) and r.headers.get("Location"):
+            url = urljoin(url, r.headers["Location"])
+            continue
+        if r.status_code != 200:
+            raise MQbtTError(f"cannot download {shown}: HTTP {r.status_code} "
+                             f"{safe_text(r.reason or '')}".rstrip())
+        return b"" if out is not None else r.content
+    else:
+        raise MQbtTError(f"cannot download {shown}: more than 5 redirects")
+    raise MQbtTError(f"cannot download {shown}: no answer within {timeout:g} s") from None
+
+
+def _zip_version(path: str) -> str:
+    """The version of the mqbtt zipapp *path*, read from its content without
+    running anything: the ``VERSION`` line build_zipapp.py writes into
+    ``site-packages/mqbtt_boot.py`` (else ``__version__`` in
+    ``site-packages/mqbtt.py``).
+
+    :raises MQbtTError: if it is not a zip or holds no readable version"""
+    import re
+    import zipfile
+    pattern = re.compile(rb"^(?:VERSION|__version__) = (['\"])([0-9][0-9A-Za-z.+_-]{0,63})\1\s*$", re.M)
+    try:
+        with zipfile.ZipFile(path) as z:
+            for name in ("site-packages/mqbtt_boot.py", "site-packages/mqbtt.py"):
+                try:
+                    with z.open(name) as f:
+                        m = pattern.search(f.read(4 << 20))   # bounded: no zip bomb
+                except KeyError:
+                    continue
+                if m:
+                    return m.group(2).decode("ascii")
+    except (OSError, zipfile.BadZipFile, RuntimeError, ValueError, EOFError) as err:
+        raise MQbtTError(f"cannot read the version of {path}: {safe_text(err)}") from None
+    raise MQbtTError(f"{path} is not an mqbtt zipapp: it has no site-packages/mqbtt_boot.py "
+                     "or mqbtt.py with a version")
 
 
 def _zipapp_version(path: str, timeout: float = 120) -> str:
@@ -2990,29 +3252,57 @@ def _zipapp_version(path: str, timeout: float = 120) -> str:
     words = r.stdout.split()
     if r.returncode != 0 or len(words) != 2 or words[0] != "mqbtt":
         raise MQbtTError("the downloaded mqbtt.pyz does not run or does not report a version "
-                         f"(exit {r.returncode}: {(r.stdout + r.stderr).strip()[-200:]!r})")
+                         f"(exit {r.returncode}: {safe_text((r.stdout + r.stderr).strip()[-200:])!r})")
     return words[1]
+
+
+def _fsync_dir(directory: str) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def upgrade(target: str, url: str | None = None, check: bool = False,
             timeout: float = 60.0, progress=None) -> tuple:
     """Replace the zipapp *target* by the newest release, if newer.
 
-    Downloads ``<url>/mqbtt.pyz.sha256`` (``sha256sum`` format) and
-    ``<url>/mqbtt.pyz`` into a temporary file beside *target*, and checks that
-    the download has that SHA-256, is a zip file with a ``#!`` line, runs and
-    reports a newer version than *target*.  Only then is the previous file
-    kept as ``<target>.bak`` and *target* atomically replaced (``os.replace``;
-    a symlink is resolved first, so the link stays and its target changes;
-    the file mode is kept).  Any failure leaves *target* untouched.
+    The release location must be ``https://`` (``http://`` only for this
+    machine: ``localhost``, 127.0.0.0/8, ``::1``); redirects are followed
+    under the same rule.  Downloads ``<url>/mqbtt.pyz.sha256``
+    (``sha256sum`` format) and ``<url>/mqbtt.pyz`` (at most
+    :data:`UPGRADE_MAX_BYTES`) into a temporary file beside *target*, and
+    checks that the download has that SHA-256, is a zip file with a ``#!``
+    line and holds a newer version than *target*.  The versions are read
+    from the zip files' content: nothing is executed to learn them, so
+    *check* runs nothing it downloaded.  Before replacing, the new file is
+    run once with ``--version`` by this Python (it must run and report the
+    version it holds).  Only then is the download flushed to disk
+    (``fsync``), the previous file kept as ``<target>.bak`` and *target*
+    atomically replaced (``os.replace``, then an ``fsync`` of the
+    directory; a symlink is resolved first, so the link stays and its
+    target changes; the file mode is kept).  Any failure leaves *target*
+    untouched.
+
+    What this verifies: that the file is the one the server publishes,
+    complete and uncorrupted, a zipapp of a newer mqbtt that runs.  What it
+    does not: who made it.  The checksum comes from the same server as the
+    file, so only TLS (the server's certificate, checked against the system
+    CAs) vouches for both; nothing is signed.
 
     :param target: the installed ``mqbtt.pyz`` (symlinks are followed)
     :param url: the base URL (default: ``$MQBTT_UPGRADE_URL``, else :data:`UPGRADE_URL`)
-    :param check: only find out whether a newer version exists; change nothing
-    :param timeout: timeout of each HTTP request, in seconds
+    :param check: only find out whether a newer version exists; change and run nothing
+    :param timeout: total time each download may take, in seconds
     :param progress: called with a one-line message at each step, if given
     :returns: ``(installed_version, available_version, replaced)``
-    :raises MQbtTError: on a download, checksum or validation failure
+    :raises MQbtTError: on a refused URL, a download, checksum or validation failure
     :raises OSError: if the target cannot be read or replaced"""
     import hashlib
     import shutil
@@ -3020,22 +3310,26 @@ def upgrade(target: str, url: str | None = None, check: bool = False,
     import zipfile
     say = progress or (lambda message: None)
     base = (url or os.environ.get(UPGRADE_URL_ENV) or UPGRADE_URL).rstrip("/")
+    shown = _redact(base)
+    _check_release_url(base + "/")
     target = os.path.realpath(target)
     directory = os.path.dirname(target)
-    installed = __version__ if running_zipapp() == target else _zipapp_version(target)
+    installed = __version__ if running_zipapp() == target else _zip_version(target)
     text = _fetch(f"{base}/mqbtt.pyz.sha256", timeout).decode("utf-8", "replace")
     words = text.split()
     expected = words[0].lower() if words else ""
     if len(expected) != 64 or any(c not in "0123456789abcdef" for c in expected):
-        raise MQbtTError(f"{base}/mqbtt.pyz.sha256 is not in sha256sum format")
+        raise MQbtTError(f"{shown}/mqbtt.pyz.sha256 is not in sha256sum format")
     if not os.access(directory, os.W_OK | os.X_OK) and not check:
         raise MQbtTError(f"cannot replace {target}: directory {directory} is not writable")
-    say(f"downloading {base}/mqbtt.pyz")
+    say(f"downloading {shown}/mqbtt.pyz")
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=".download",
                                dir=None if check else directory)
     try:
         with os.fdopen(fd, "wb") as f:
-            _fetch(f"{base}/mqbtt.pyz", timeout, out=f)
+            _fetch(f"{base}/mqbtt.pyz", timeout, out=f, max_bytes=UPGRADE_MAX_BYTES)
+            f.flush()
+            os.fsync(f.fileno())
         h = hashlib.sha256()
         with open(tmp, "rb") as f:
             head = f.read(2)
@@ -3043,18 +3337,28 @@ def upgrade(target: str, url: str | None = None, check: bool = False,
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
         if h.hexdigest() != expected:
-            raise MQbtTError(f"checksum mismatch for {base}/mqbtt.pyz: "
+            raise MQbtTError(f"checksum mismatch for {shown}/mqbtt.pyz: "
                              f"got {h.hexdigest()}, published {expected}; nothing changed")
         if head != b"#!" or not zipfile.is_zipfile(tmp):
-            raise MQbtTError(f"{base}/mqbtt.pyz is not a zipapp (no #! line or not a zip file)")
-        available = _zipapp_version(tmp)
+            raise MQbtTError(f"{shown}/mqbtt.pyz is not a zipapp (no #! line or not a zip file)")
+        try:
+            available = _zip_version(tmp)
+        except MQbtTError:
+            raise MQbtTError(f"{shown}/mqbtt.pyz is not an mqbtt zipapp (no version in it)") from None
         if check or _version_key(available) <= _version_key(installed):
             return installed, available, False
+        reported = _zipapp_version(tmp)
+        if reported != available:
+            raise MQbtTError(f"{shown}/mqbtt.pyz reports version {safe_text(reported)} but "
+                             f"holds {available}; nothing changed")
         os.chmod(tmp, os.stat(target).st_mode & 0o7777)
         backup = target + ".bak"
         shutil.copy2(target, tmp + ".bak")
+        with open(tmp + ".bak", "rb+") as f:
+            os.fsync(f.fileno())
         os.replace(tmp + ".bak", backup)
         os.replace(tmp, target)
+        _fsync_dir(directory)
         return installed, available, True
     finally:
         for path in (tmp, tmp + ".bak"):
