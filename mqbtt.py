@@ -199,6 +199,32 @@ def safe_text(text) -> str:
     return _unsafe_re.sub(_escape_unsafe, text)
 
 
+def _json_escape_unsafe(text: str) -> str:
+    """JSON text (from ``json.dumps(ensure_ascii=False)``, which escapes C0
+    but not C1, bidi overrides or U+2028) with every unsafe character (see
+    :func:`safe_text`) written as a ``\\uXXXX`` escape: the same JSON value,
+    safe on a terminal.  Outside strings JSON text is plain ASCII, so only
+    string contents change."""
+    global _unsafe_json_re
+    if text.isprintable():
+        return text
+    if _unsafe_json_re is None:
+        import re
+        _unsafe_json_re = re.compile(_UNSAFE_CHARACTER)
+    return _unsafe_json_re.sub(lambda m: f"\\u{ord(m.group(0)):04x}", text)
+
+
+_unsafe_json_re = None
+
+
+class _SafeFormatter(logging.Formatter):
+    """A log formatter whose lines pass through :func:`safe_text` (a log
+    message may quote a miner's or a server's text)."""
+
+    def format(self, record):
+        return safe_text(super().format(record))
+
+
 ###############################################################################
 # Messages and wire format ####################################################
 ###############################################################################
@@ -2072,13 +2098,13 @@ def format_dump(ts: float, subtopic: str, payload: bytes, rtt: float | None = No
         if isinstance(obj["message"], dict):   # JSON has no NaN or infinity: say it as text
             obj["message"] = {k: (str(v) if isinstance(v, float) and v != v or v in (
                 float("inf"), float("-inf")) else v) for k, v in obj["message"].items()}
-        return json.dumps(obj, ensure_ascii=False, allow_nan=False)
+        return _json_escape_unsafe(json.dumps(obj, ensure_ascii=False, allow_nan=False))
     stamp = when.strftime("%Y-%m-%d %H:%M:%S.") + f"{when.microsecond // 1000:03d}" + when.strftime("%z")
     if message is None:
         text = f"undecodable {len(payload)} bytes: {bytes(payload).hex()}"
     elif subtopic == "log":
         # one line per message: no terminal escapes or line breaks from the wire
-        text = message if message.isprintable() else repr(message)[1:-1]
+        text = safe_text(message)
     else:
         text = repr(message)
     if rtt is not None:
@@ -2598,7 +2624,7 @@ def _snippet(r, limit: int = 200) -> str:
         text = " ".join(r.text.split())
     except Exception:  # pragma: no cover - undecodable body
         text = ""
-    return text[:limit] + ("..." if len(text) > limit else "")
+    return safe_text(text[:limit]) + ("..." if len(text) > limit else "")
 
 
 class _AxeOSUnauthorized(APIException):
@@ -2617,7 +2643,7 @@ def _check_axeos(r, what: str) -> None:
     body = _snippet(r)
     if 300 <= r.status_code < 400:
         body = f"redirect to {_redact(r.headers.get('Location', '?'))}"
-    raise APIException(f"{what}: {where}: HTTP {r.status_code} {r.reason or ''}".rstrip()
+    raise APIException(f"{what}: {where}: HTTP {r.status_code} {safe_text(r.reason or '')}".rstrip()
                        + (f" ({body})" if body else ""))
 
 
@@ -2705,16 +2731,16 @@ def _o2_answer(r, s: _O2Settings, where: str) -> None:
     if not 200 <= r.status_code < 300:
         detail = answer.get("message") or answer.get("error") if isinstance(answer, dict) else None
         raise APIException(f"{what}: {where}: HTTP {r.status_code} {r.reason or ''}".rstrip()
-                           + f" ({' '.join(str(detail).split())[:200] if detail else _snippet(r)})")
+                           + f" ({safe_text(' '.join(str(detail).split())[:200]) if detail else _snippet(r)})")
     if not isinstance(answer, dict):
         raise APIException(f"{what}: {where}: the answer is not a JSON object "
                            f"({_snippet(r, 80) or 'empty'})")
     if answer.get("error"):
         raise APIException(f"{what}: {where}: OpenObserve reports an error: "
-                           f"{' '.join(str(answer['error']).split())[:200]}")
+                           f"{safe_text(' '.join(str(answer['error']).split())[:200])}")
     if answer.get("code", 200) != 200:
         raise APIException(f"{what}: {where}: OpenObserve answered code {answer.get('code')}"
-                           + (f" ({answer['message']})" if answer.get("message") else ""))
+                           + (f" ({safe_text(answer['message'])})" if answer.get("message") else ""))
     status = answer.get("status")
     if not isinstance(status, list) or not all(isinstance(x, dict) for x in status):
         raise APIException(f"{what}: {where}: the answer has no per-stream status "
@@ -2729,8 +2755,8 @@ def _o2_answer(r, s: _O2Settings, where: str) -> None:
             error = entry.get("error")
             raise APIException(
                 f"{what}: {where}: OpenObserve dropped the record (stream "
-                f"{entry.get('name', s.stream)!r}: {successful} successful, {failed} failed"
-                + (f": {' '.join(str(error).split())[:200]}" if error else "") + ")")
+                f"{safe_text(entry.get('name', s.stream))!r}: {successful} successful, {failed} failed"
+                + (f": {safe_text(' '.join(str(error).split())[:200])}" if error else "") + ")")
         ok += successful
     if ok < 1:
         raise APIException(f"{what}: {where}: OpenObserve stored no record ({_snippet(r, 80)})")
@@ -3672,7 +3698,7 @@ def _cli_logging(cmd):
         log.propagate = False
     for h in log.handlers:
         if getattr(h, "_mqbtt_cli", False):
-            h.setFormatter(logging.Formatter(f"mqbtt {cmd}: %(message)s"))
+            h.setFormatter(_SafeFormatter(f"mqbtt {cmd}: %(message)s"))
     if log.level == logging.NOTSET:
         log.setLevel(logging.INFO)
 
@@ -3712,7 +3738,7 @@ def main(argv: list | None = None, prog: str | None = None) -> int:
             pass
         return 0
     except (MQbtTError, ValueError, OSError) as err:
-        print(f"mqbtt {cmd}: error: {err}", file=sys.stderr)
+        print(f"mqbtt {cmd}: error: {safe_text(err)}", file=sys.stderr)
         return 1
 
 
