@@ -672,10 +672,19 @@ def _redact(uri: str) -> str:
     itself contain ``/``, ``@``, ``#`` or ``?``)."""
     uri = str(uri)
     scheme, userinfo, rest = _split_userinfo(uri.strip())
-    if userinfo is None or ":" not in userinfo:
+    if userinfo is None:
+        return uri
+    prefix = scheme + "://" if scheme is not None else ""
+    if scheme is not None and scheme.lower() not in _KNOWN_SCHEMES:
+        # "bob://S3cret@host" may be user bob with password //S3cret: hide it all
+        return f"***@{rest}"
+    if ":" not in userinfo:
         return uri
     user = userinfo.split(":", 1)[0]
-    return f"{scheme + '://' if scheme is not None else ''}{user}:***@{rest}"
+    return f"{prefix}{user}:***@{rest}"
+
+
+_KNOWN_SCHEMES = ("mqtt", "mqtts", "ws", "wss", "tcp", "ssl", "tls", "http", "https")
 
 
 def default_broker() -> str:
