@@ -155,7 +155,7 @@ _ESCAPE_SEQUENCE = (r"(?:\x1b\[|\x9b)[0-?]*[ -/]*[@-~]"
 # lone surrogates (undecodable bytes; they cannot even be printed as UTF-8)
 _UNSAFE_CHARACTER = ("[\x00-\x08\x0a-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029"
                      "\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
-_unsafe_re = None
+_unsafe_re = _unsafe_char_re = None
 
 
 def _escape_unsafe(m) -> str:
@@ -168,7 +168,7 @@ def _escape_unsafe(m) -> str:
     return f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
 
 
-def safe_text(text) -> str:
+def safe_text(text, *, strip_ansi: bool = True) -> str:
     """*text* made safe to print on a terminal or write to a log file, as one line.
 
     Terminal escape sequences (ANSI colours, cursor moves, window titles,
@@ -187,8 +187,11 @@ def safe_text(text) -> str:
     error messages, the examples).
 
     :param text: a string (anything else is converted with ``str()``)
+    :param strip_ansi: remove escape sequences (the default); if false, keep
+      them visible with their ESC escaped (``\\x1b[2J``), as ``mqbtt dump``
+      shows a log line
     :returns: the neutralised string"""
-    global _unsafe_re
+    global _unsafe_re, _unsafe_char_re
     if not isinstance(text, str):
         text = str(text)
     if text.isprintable():  # no control, format or separator character at all: fast path
@@ -196,7 +199,8 @@ def safe_text(text) -> str:
     if _unsafe_re is None:
         import re
         _unsafe_re = re.compile(f"{_ESCAPE_SEQUENCE}|{_UNSAFE_CHARACTER}")
-    return _unsafe_re.sub(_escape_unsafe, text)
+        _unsafe_char_re = re.compile(_UNSAFE_CHARACTER)
+    return (_unsafe_re if strip_ansi else _unsafe_char_re).sub(_escape_unsafe, text)
 
 
 def _json_escape_unsafe(text: str) -> str:
@@ -2113,7 +2117,7 @@ def format_dump(ts: float, subtopic: str, payload: bytes, rtt: float | None = No
         text = f"undecodable {len(payload)} bytes: {bytes(payload).hex()}"
     elif subtopic == "log":
         # one line per message: no terminal escapes or line breaks from the wire
-        text = safe_text(message)
+        text = safe_text(message, strip_ansi=False)
     else:
         text = repr(message)
     if rtt is not None:
@@ -2913,6 +2917,27 @@ WSLOG_MAX_LINE = 16384
 WSLOG_SPLIT_MARK = " [mqbtt: line split]"
 
 
+def _ws_socket(url: str, deadline: "_Deadline"):
+    """The connected (for ``wss``, TLS-wrapped) socket for the websocket
+    *url*, registered with *deadline* so the whole handshake, TLS included,
+    ends when it passes (websocket-client's timeout is per read)."""
+    import socket
+    from urllib.parse import urlsplit
+    u = urlsplit(url)
+    secure = u.scheme == "wss"
+    sock = socket.create_connection((u.hostname, u.port or (443 if secure else 80)),
+                                    timeout=deadline.left())
+    deadline.add(sock)
+    if secure:
+        import ssl
+        try:
+            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=u.hostname)
+        except BaseException:
+            sock.close()
+            raise
+    return sock
+
+
 def _ws_url(base: str) -> str:
     return ("wss" if base.startswith("https:") else "ws") + base[base.index(":"):] + "/api/ws"
 
@@ -3017,10 +3042,12 @@ def wslog(pid: str, path: str, *, duration: float | None = None, stop=None,
         try:
             while not stopping():
                 ws = None
+                deadline = _Deadline(connect_timeout)  # the handshake's total deadline
                 try:
                     ws = websocket.create_connection(url, timeout=connect_timeout,
                                                      suppress_origin=True,
-                                                     skip_utf8_validation=True)
+                                                     skip_utf8_validation=True,
+                                                     socket=_ws_socket(url, deadline))
                 except websocket.WebSocketBadStatusException as err:
                     code = err.status_code
                     if code == 401:
@@ -3038,9 +3065,14 @@ def wslog(pid: str, path: str, *, duration: float | None = None, stop=None,
                 except (OSError, websocket.WebSocketException) as err:
                     reason = (err.strerror if isinstance(err, OSError) and err.strerror
                               else " ".join(str(err).split())[:200] or type(err).__name__)
+                    if deadline.fired:
+                        reason = f"no handshake answer within {connect_timeout:g} s"
+                    reason = safe_text(reason)
                     if first:
                         raise APIException(f"{where}: cannot connect ({reason[:1].lower() + reason[1:]})") from None
-                else:
+                finally:
+                    deadline.close()
+                if ws is not None:
                     first = False
                     say("connected", f"connected to {_redact(url)}, appending to {path}")
                     got_data = False

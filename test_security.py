@@ -613,6 +613,14 @@ def test_huge_answers_are_refused(hostile, o2_env, monkeypatch, call, style):
     assert server.sent < 64 << 20
 
 
+def test_wslog_handshake_has_a_total_deadline(hostile, o2_env, tmp_path):
+    server = hostile("trickle-headers", gap=0.4)
+    t0 = time.monotonic()
+    with pytest.raises(mqbtt.APIException, match=r"no handshake answer within 1\.5 s"):
+        mqbtt.wslog(server.address, str(tmp_path / "ws.log"), timeout=1.5)
+    assert time.monotonic() - t0 < 4
+
+
 def test_restart_command_honours_its_timeout(hostile):
     server = hostile("trickle-headers", gap=0.4)
     t0 = time.monotonic()
