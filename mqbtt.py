@@ -56,7 +56,8 @@ __all__ = [
     "MQbtTSubscribeError", "MQbtTSendError", "MQbtTSendTimeout",
     "APIException", "MQbtTConfigError",
     # secrets and text from the wire
-    "safe_text", "BrokerURI",
+    "safe_text", "BrokerURI", "HTTP_MAX_BYTES", "WSLOG_MAX_LINE", "WSLOG_SPLIT_MARK",
+    "UPGRADE_MAX_BYTES",
     # external services (AxeOS, OpenObserve)
     "pid2url", "axeos_info", "axeos_restart", "o2_history", "restart", "wslog",
     "config_path", "HTTP_TIMEOUT", "AXEOS_PRIVATE_NETWORKS",
@@ -160,8 +161,8 @@ _unsafe_re = _unsafe_char_re = None
 
 def _escape_unsafe(m) -> str:
     text = m.group(0)
-    if len(text) > 1 or text in "\x1b\x9b\x9d":  # an escape sequence (or a lone ESC/CSI/OSC)
-        return "" if len(text) > 1 else f"\\x{ord(text):02x}"
+    if len(text) > 1:  # a whole escape sequence: removed
+        return ""
     c = ord(text)
     if c in (10, 13):
         return "\\n" if c == 10 else "\\r"
@@ -3599,7 +3600,7 @@ def _cmd_restart(argv):
                    help=f"timeout of each HTTP call, default: {HTTP_TIMEOUT:g}")
     a = p.parse_args(argv)
     restart(a.pid, a.detail, wait=a.wait, history=not a.no_history, timeout=a.timeout,
-            progress=lambda message: print(f"mqbtt restart: {message}", flush=True))
+            progress=lambda message: print(f"mqbtt restart: {safe_text(message)}", flush=True))
     return 0
 
 
@@ -3622,7 +3623,7 @@ def _cmd_wslog(argv):
                   f"logging resumes only after a miner restart ('mqbtt restart --pid {a.pid}')",
                   file=sys.stderr, flush=True)
             message += " (Ctrl-C to stop)"
-        print(f"mqbtt wslog: {message}", file=sys.stderr, flush=True)
+        print(f"mqbtt wslog: {safe_text(message)}", file=sys.stderr, flush=True)
 
     n = wslog(a.pid, a.file, duration=a.duration, progress=progress)
     print(f"mqbtt wslog: {n} lines appended to {a.file}", file=sys.stderr, flush=True)

@@ -836,6 +836,43 @@ def test_cli_errors_neutralise_server_text(o2_env, tmp_path):
         srv.server_close()
 
 
+def test_restart_progress_neutralises_device_text(o2_env):
+    """A device whose system info carries escapes (uptimeSeconds as text)."""
+    info = dict(system_info(3), uptimeSeconds="\x1b]0;owned\x07\x1b[2J3")
+    body = json.dumps(info).encode()
+    calls = []
+
+    class Device(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_any(self):
+            calls.append(self.command)
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            if calls == ["GET", "POST", "GET"]:   # rebooting: no answer once
+                self.close_connection = True
+                return
+            data = body if self.command == "GET" else b"System will restart shortly."
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        do_GET = do_POST = do_any
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Device)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        p = cli("restart", "--pid", f"127.0.0.1:{srv.server_address[1]}", "--no-history",
+                "--wait", "20")
+        assert p.returncode == 0, p.stderr
+        assert "(uptime ]0;owned" in p.stdout or "(uptime " in p.stdout, p.stdout
+        assert_terminal_safe(p.stdout + p.stderr)
+        assert "is back after" in p.stdout and calls.count("POST") == 1
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
 # ---------------------------------------------------------------------------
 # 12. upgrade trust
 # ---------------------------------------------------------------------------
