@@ -3048,6 +3048,7 @@ def wslog(pid: str, path: str, *, duration: float | None = None, stop=None,
                     ws = websocket.create_connection(url, timeout=connect_timeout,
                                                      suppress_origin=True,
                                                      skip_utf8_validation=True,
+                                                     redirect_limit=0,  # no redirect followed
                                                      socket=_ws_socket(url, deadline))
                 except websocket.WebSocketBadStatusException as err:
                     code = err.status_code

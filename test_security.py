@@ -483,8 +483,9 @@ class HostileHTTP:
     sends a small gzip body inflating to 64 MiB; ``redirect-http`` redirects
     to a plain-http address elsewhere.  ``sent`` counts the bytes sent."""
 
-    def __init__(self, style, gap=0.4, body=None):
+    def __init__(self, style, gap=0.4, body=None, location="http://203.0.113.7/mqbtt.pyz"):
         self.style, self.gap, self.sent, self.stop = style, gap, 0, threading.Event()
+        self.location = location
         self.body = body or json.dumps(system_info(5)).encode()
         fake = self
 
@@ -539,8 +540,8 @@ class HostileHTTP:
                                   f"Content-Encoding: gzip\r\nContent-Length: {len(bomb)}\r\n\r\n")
                                  .encode() + bomb)
                     elif fake.style == "redirect-http":
-                        self.out(b"HTTP/1.1 302 Found\r\nLocation: http://203.0.113.7/mqbtt.pyz\r\n"
-                                 b"Content-Length: 0\r\n\r\n")
+                        self.out(f"HTTP/1.1 302 Found\r\nLocation: {fake.location}\r\n"
+                                 "Content-Length: 0\r\n\r\n".encode())
                 except OSError:
                     pass
 
@@ -619,6 +620,14 @@ def test_wslog_handshake_has_a_total_deadline(hostile, o2_env, tmp_path):
     with pytest.raises(mqbtt.APIException, match=r"no handshake answer within 1\.5 s"):
         mqbtt.wslog(server.address, str(tmp_path / "ws.log"), timeout=1.5)
     assert time.monotonic() - t0 < 4
+
+
+def test_wslog_follows_no_redirect(hostile, ws_server, o2_env, tmp_path):
+    target = ws_server([["I (1) you followed a redirect\n", HOLD]])
+    server = hostile("redirect-http", location=f"ws://{target.address}/api/ws")
+    with pytest.raises(mqbtt.APIException, match="cannot connect"):
+        mqbtt.wslog(server.address, str(tmp_path / "ws.log"), timeout=5, duration=3)
+    assert target.attempts == 0
 
 
 def test_restart_command_honours_its_timeout(hostile):
