@@ -54,7 +54,10 @@ __all__ = [
     # exceptions
     "MQbtTError", "MQbtTDecodeError", "MQbtTConnectionError",
     "MQbtTSubscribeError", "MQbtTSendError", "MQbtTSendTimeout",
-    "APIException",
+    "APIException", "MQbtTConfigError",
+    # secrets and text from the wire
+    "safe_text", "BrokerURI", "HTTP_MAX_BYTES", "WSLOG_MAX_LINE", "WSLOG_SPLIT_MARK",
+    "UPGRADE_MAX_BYTES",
     # external services (AxeOS, OpenObserve)
     "pid2url", "axeos_info", "axeos_restart", "o2_history", "restart", "wslog",
     "config_path", "HTTP_TIMEOUT", "AXEOS_PRIVATE_NETWORKS",
@@ -119,6 +122,112 @@ class MQbtTSendTimeout(MQbtTSendError, TimeoutError):
 class APIException(MQbtTError):
     """An AxeOS or OpenObserve API call failed (network error, timeout, HTTP
     error status or an unusable answer); the message says what and where."""
+
+
+class MQbtTConfigError(MQbtTError, ValueError):
+    """The configuration file (see :func:`config_path`) cannot be used: it
+    is missing (when named by ``$MQBTT_CONFIG``), unreadable or not valid INI.
+
+    The message is one line naming the file and, for syntax errors, the line
+    number; it never quotes the file's content (which may hold a password).
+    ``path`` and ``lineno`` (or None) are attributes."""
+
+    def __init__(self, message, path=None, lineno=None):
+        super().__init__(message)
+        self.path = path
+        self.lineno = lineno
+
+
+###############################################################################
+# Safe text: what a miner sends, made harmless for terminals and log files ####
+###############################################################################
+
+# Terminal escape sequences, 7-bit (ESC ...) and 8-bit (C1) forms: CSI
+# (colours, cursor moves), OSC (titles, hyperlinks, clipboard) up to BEL or
+# ST, DCS/SOS/PM/APC strings up to ST, and any other ESC sequence.  Their
+# parameter classes exclude ESC, so a sequence nested in another never
+# matches as one: its ESC is caught by the control-character branch below.
+_ESCAPE_SEQUENCE = (r"(?:\x1b\[|\x9b)[0-?]*[ -/]*[@-~]"
+                    r"|(?:\x1b\]|\x9d)[^\x07\x1b\x9c]*(?:\x07|\x1b\\|\x9c)"
+                    r"|(?:\x1b[PX^_]|[\x90\x98\x9e\x9f])[^\x1b\x9c]*(?:\x1b\\|\x9c)"
+                    r"|\x1b[ -/]*[0-~]")
+# C0 controls but tab, DEL, C1 controls, the bidirectional marks, embeddings,
+# overrides and isolates ("Trojan Source"), line/paragraph separators, and
+# lone surrogates (undecodable bytes; they cannot even be printed as UTF-8)
+_UNSAFE_CHARACTER = ("[\x00-\x08\x0a-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029"
+                     "\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+_unsafe_re = _unsafe_char_re = None
+
+
+def _escape_unsafe(m) -> str:
+    text = m.group(0)
+    if len(text) > 1:  # a whole escape sequence: removed
+        return ""
+    c = ord(text)
+    if c in (10, 13):
+        return "\\n" if c == 10 else "\\r"
+    return f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
+
+
+def safe_text(text, *, strip_ansi: bool = True) -> str:
+    """*text* made safe to print on a terminal or write to a log file, as one line.
+
+    Terminal escape sequences (ANSI colours, cursor moves, window titles,
+    hyperlinks; 7-bit and C1 forms) are removed in one pass; every other
+    control character but tab (C0, DEL, C1, so also line breaks), the
+    Unicode bidirectional overrides, embeddings, isolates and marks, the
+    line and paragraph separators and lone surrogates are replaced by their
+    escape (``\\x1b``, ``\\u202e``), so nothing in the result can move the
+    cursor, recolour or retitle a terminal, reorder text or start a new
+    line.  Printable text, tabs included, comes back unchanged.  Nested or
+    cut sequences (``ESC [ ESC [31m 31m``) leave no working escape: the
+    result contains no ESC and no C1 character at all.
+
+    mqbtt passes through it every text that comes from a miner, a broker or
+    a server before it reaches a terminal or a log file (``dump``, ``wslog``,
+    error messages, the examples).
+
+    :param text: a string (anything else is converted with ``str()``)
+    :param strip_ansi: remove escape sequences (the default); if false, keep
+      them visible with their ESC escaped (``\\x1b[2J``), as ``mqbtt dump``
+      shows a log line
+    :returns: the neutralised string"""
+    global _unsafe_re, _unsafe_char_re
+    if not isinstance(text, str):
+        text = str(text)
+    if text.isprintable():  # no control, format or separator character at all: fast path
+        return text
+    if _unsafe_re is None:
+        import re
+        _unsafe_re = re.compile(f"{_ESCAPE_SEQUENCE}|{_UNSAFE_CHARACTER}")
+        _unsafe_char_re = re.compile(_UNSAFE_CHARACTER)
+    return (_unsafe_re if strip_ansi else _unsafe_char_re).sub(_escape_unsafe, text)
+
+
+def _json_escape_unsafe(text: str) -> str:
+    """JSON text (from ``json.dumps(ensure_ascii=False)``, which escapes C0
+    but not C1, bidi overrides or U+2028) with every unsafe character (see
+    :func:`safe_text`) written as a ``\\uXXXX`` escape: the same JSON value,
+    safe on a terminal.  Outside strings JSON text is plain ASCII, so only
+    string contents change."""
+    global _unsafe_json_re
+    if text.isprintable():
+        return text
+    if _unsafe_json_re is None:
+        import re
+        _unsafe_json_re = re.compile(_UNSAFE_CHARACTER)
+    return _unsafe_json_re.sub(lambda m: f"\\u{ord(m.group(0)):04x}", text)
+
+
+_unsafe_json_re = None
+
+
+class _SafeFormatter(logging.Formatter):
+    """A log formatter whose lines pass through :func:`safe_text` (a log
+    message may quote a miner's or a server's text)."""
+
+    def format(self, record):
+        return safe_text(super().format(record))
 
 
 ###############################################################################
@@ -450,9 +559,15 @@ class BrokerURI:
 
     Accepted forms: ``host``, ``host:port``, ``mqtt://[user[:password]@]host[:port]``,
     ``mqtts://…`` (TLS, default port 8883, system CAs or ``?cafile=PATH``;
-    ``?insecure=1`` skips certificate checks), ``ws://…`` and ``wss://…``
+    ``?insecure=1`` skips certificate checks; ``?certfile=PATH&keyfile=PATH``
+    presents a client certificate, for mutual TLS), ``ws://…`` and ``wss://…``
     (MQTT over websockets, default ports 80/443, path default ``/mqtt``).
-    The password never appears in ``str()`` or ``repr()``.
+
+    The user information ends at the *last* ``@`` (as browsers read it), so
+    a password may contain ``/ ? # : @`` unencoded; an ``@`` in a path or an
+    option must then be written ``%40``.  A user name or password the URI
+    leaves out is taken from ``$MQBTT_USERNAME`` / ``$MQBTT_PASSWORD``.
+    The password never appears in ``str()``, ``repr()`` or error messages.
     """
     scheme: str
     host: str
@@ -462,48 +577,80 @@ class BrokerURI:
     path: str = "/mqtt"
     cafile: str | None = None
     insecure: bool = False
+    certfile: str | None = None
+    keyfile: str | None = None
 
     _PORTS = {"mqtt": 1883, "mqtts": 8883, "ws": 80, "wss": 443}
+    _OPTIONS = ("cafile", "insecure", "certfile", "keyfile")
 
     @classmethod
-    def parse(cls, uri: str) -> "BrokerURI":
-        """Parse *uri*; raise ValueError with a one-line reason if it is not valid."""
+    def parse(cls, uri: str, environ=None) -> "BrokerURI":
+        """Parse *uri*; raise ValueError with a one-line reason if it is not valid.
+
+        :param environ: where ``MQBTT_USERNAME``/``MQBTT_PASSWORD`` are read
+          (default: :data:`os.environ`)"""
         from urllib.parse import urlsplit, parse_qs, unquote
         if not isinstance(uri, str) or not uri.strip():
             raise ValueError("invalid broker URI: empty")
         text = uri.strip()
-        if "://" not in text:
-            text = "mqtt://" + text
+        shown = _redact(text)
+        scheme, userinfo, rest = _split_userinfo(text)
+        if scheme is None:
+            scheme = "mqtt"
         try:
-            u = urlsplit(text)
+            u = urlsplit(f"{scheme}://{rest}")
             port = u.port
         except ValueError as err:
-            # urllib's message may quote part of a password: never show it
             reason = ("port out of range 1-65535" if "out of range" in str(err) else
-                      "invalid port or address (percent-encode / ? # @ in a password)")
-            raise ValueError(f"invalid broker URI {_redact(uri)!r}: {reason}") from None
+                      "invalid port or address")
+            raise ValueError(f"invalid broker URI {shown!r}: {reason}") from None
         if port == 0:
-            raise ValueError(f"invalid broker URI {_redact(uri)!r}: port out of range 1-65535")
-        scheme = u.scheme.lower()
+            raise ValueError(f"invalid broker URI {shown!r}: port out of range 1-65535")
+        scheme = scheme.lower()
         if scheme in ("tcp",):
             scheme = "mqtt"
         if scheme in ("ssl", "tls"):
             scheme = "mqtts"
         if scheme not in cls._PORTS:
-            raise ValueError(f"invalid broker URI {_redact(uri)!r}: unknown scheme {u.scheme!r} "
-                             "(use mqtt, mqtts, ws or wss)")
+            # the URI is not shown: what looks like a scheme may be a user name
+            raise ValueError("invalid broker URI: unknown scheme (use mqtt, mqtts, ws or wss)")
+        netloc = rest.split("/", 1)[0].split("?", 1)[0].split("#", 1)[0]
         if not u.hostname:
-            raise ValueError(f"invalid broker URI {_redact(uri)!r}: no host")
+            raise ValueError(f"invalid broker URI {shown!r}: no host")
+        if not netloc.isprintable() or any(c.isspace() or c in "\\<>\"'{}|^`" for c in netloc):
+            raise ValueError(f"invalid broker URI {shown!r}: invalid host")
         query = parse_qs(u.query)
-        unknown = set(query) - {"cafile", "insecure"}
+        unknown = set(query) - set(cls._OPTIONS)
         if unknown:
-            raise ValueError(f"invalid broker URI {_redact(uri)!r}: unknown option(s) {', '.join(sorted(unknown))}")
+            raise ValueError(f"invalid broker URI {shown!r}: unknown option(s) "
+                             f"{safe_text(', '.join(sorted(unknown)))}")
+        username = password = None
+        if userinfo is not None:
+            user, colon, pw = userinfo.partition(":")
+            username = unquote(user)
+            password = unquote(pw) if colon else None
+        env = os.environ if environ is None else environ
+        if username is None:
+            username = env.get("MQBTT_USERNAME") or None
+        if password is None and username is not None:
+            password = env.get("MQBTT_PASSWORD") or None
+        if password is None and env.get("MQBTT_PASSWORD") and username is None:
+            raise ValueError("$MQBTT_PASSWORD is set but no user name is given "
+                             "(in the broker URI or $MQBTT_USERNAME)")
+        opt = {k: v[-1] for k, v in query.items()}
+        certfile = os.path.expanduser(opt["certfile"]) if opt.get("certfile") else None
+        keyfile = os.path.expanduser(opt["keyfile"]) if opt.get("keyfile") else None
+        if (certfile or keyfile) and scheme not in ("mqtts", "wss"):
+            raise ValueError(f"invalid broker URI {shown!r}: certfile/keyfile need TLS "
+                             "(mqtts:// or wss://)")
+        if keyfile and not certfile:
+            raise ValueError(f"invalid broker URI {shown!r}: keyfile without certfile")
         path = u.path or "/mqtt"
         return cls(scheme=scheme, host=u.hostname, port=port or cls._PORTS[scheme],
-                   username=unquote(u.username) if u.username is not None else None,
-                   password=unquote(u.password) if u.password is not None else None,
-                   path=path, cafile=query.get("cafile", [None])[-1],
-                   insecure=query.get("insecure", ["0"])[-1].lower() in ("1", "true", "yes"))
+                   username=username, password=password,
+                   path=path, cafile=opt.get("cafile"),
+                   insecure=opt.get("insecure", "0").lower() in ("1", "true", "yes"),
+                   certfile=certfile, keyfile=keyfile)
 
     @property
     def tls(self) -> bool:
@@ -522,19 +669,38 @@ class BrokerURI:
         return f"{self.scheme}://{user}{host}:{self.port}{path}"
 
 
+def _split_userinfo(text: str) -> tuple:
+    """``(scheme or None, userinfo or None, rest)`` of a URI: the user
+    information runs from ``//`` to the *last* ``@`` (as browsers read a
+    URI), so a password may hold ``/ ? # : @``; *rest* is the host, port,
+    path and query.  Without ``scheme://`` the text starts with the
+    authority (``user:pw@host:port``)."""
+    import re
+    m = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", text)
+    scheme, rest = (m.group(1), text[m.end():]) if m else (None, text)
+    userinfo, at, hostpart = rest.rpartition("@")
+    return (scheme, userinfo, hostpart) if at else (scheme, None, rest)
+
+
 def _redact(uri: str) -> str:
     """*uri* with any password replaced by ``***``: everything between the
     first ``:`` of the user information and its last ``@`` (a password may
     itself contain ``/``, ``@``, ``#`` or ``?``)."""
     uri = str(uri)
-    scheme, sep, rest = uri.partition("//")
-    if not sep:
-        scheme, rest = "", uri
-    userinfo, at, hostpart = rest.rpartition("@")
-    if not at or ":" not in userinfo:
+    scheme, userinfo, rest = _split_userinfo(uri.strip())
+    if userinfo is None:
+        return uri
+    prefix = scheme + "://" if scheme is not None else ""
+    if scheme is not None and scheme.lower() not in _KNOWN_SCHEMES:
+        # "bob://S3cret@host" may be user bob with password //S3cret: hide it all
+        return f"***@{rest}"
+    if ":" not in userinfo:
         return uri
     user = userinfo.split(":", 1)[0]
-    return f"{scheme}{sep}{user}:***@{hostpart}"
+    return f"{prefix}{user}:***@{rest}"
+
+
+_KNOWN_SCHEMES = ("mqtt", "mqtts", "ws", "wss", "tcp", "ssl", "tls", "http", "https")
 
 
 def default_broker() -> str:
@@ -572,12 +738,7 @@ def _paho_client(broker: "BrokerURI", client_id: str, clean_session: bool, **kwa
     if b.transport == "websockets":
         c.ws_set_options(path=b.path)
     if b.tls:
-        import ssl
-        ctx = ssl.create_default_context(cafile=b.cafile)
-        if b.insecure:
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_NONE
-        c.tls_set_context(ctx)
+        c.tls_set_context(_tls_context(b))
     if b.username is not None:
         c.username_pw_set(b.username, b.password)
     c.reconnect_delay_set(1, 30)
@@ -586,6 +747,46 @@ def _paho_client(broker: "BrokerURI", client_id: str, clean_session: bool, **kwa
     c.on_socket_open = _tcp_nodelay
     _install_quickack(c)
     return c
+
+
+def _tls_context(b: "BrokerURI"):
+    """The TLS context of *b*: its CA file (else the system CAs), optional
+    verification, and its client certificate (``certfile``/``keyfile``, for
+    brokers with ``require_certificate true``).
+
+    :raises MQbtTConnectionError: in one line, if a file cannot be used
+      (missing, unreadable, not PEM, key not matching the certificate, or an
+      encrypted key: mqbtt never prompts for a passphrase)."""
+    import ssl
+
+    class _Encrypted(Exception):
+        pass
+
+    def no_passphrase():
+        raise _Encrypted()
+
+    try:
+        ctx = ssl.create_default_context(cafile=b.cafile)
+    except (OSError, ssl.SSLError) as err:
+        raise MQbtTConnectionError(f"cannot use the CA file {b.cafile} of {b}: "
+                                   f"{err.strerror or err}") from None
+    if b.insecure:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    if b.certfile:
+        files = b.certfile + (f" and key {b.keyfile}" if b.keyfile else "")
+        try:
+            ctx.load_cert_chain(b.certfile, b.keyfile, password=no_passphrase)
+        except _Encrypted:
+            raise MQbtTConnectionError(f"cannot use the client certificate {files}: the key is "
+                                       "encrypted (decrypt it: openssl pkey -in KEY -out NEW)") from None
+        except ssl.SSLError as err:
+            raise MQbtTConnectionError(f"cannot use the client certificate {files}: not a PEM "
+                                       f"certificate with its matching key ({err.reason or err})") from None
+        except OSError as err:
+            raise MQbtTConnectionError(f"cannot use the client certificate {files}: "
+                                       f"{err.strerror or err}") from None
+    return ctx
 
 
 def _tcp_nodelay(client, userdata, sock, on=True):
@@ -2243,13 +2444,13 @@ def format_dump(ts: float, subtopic: str, payload: bytes, rtt: float | None = No
         if isinstance(obj["message"], dict):   # JSON has no NaN or infinity: say it as text
             obj["message"] = {k: (str(v) if isinstance(v, float) and v != v or v in (
                 float("inf"), float("-inf")) else v) for k, v in obj["message"].items()}
-        return json.dumps(obj, ensure_ascii=False, allow_nan=False)
+        return _json_escape_unsafe(json.dumps(obj, ensure_ascii=False, allow_nan=False))
     stamp = when.strftime("%Y-%m-%d %H:%M:%S.") + f"{when.microsecond // 1000:03d}" + when.strftime("%z")
     if message is None:
         text = f"undecodable {len(payload)} bytes: {bytes(payload).hex()}"
     elif subtopic == "log":
         # one line per message: no terminal escapes or line breaks from the wire
-        text = message if message.isprintable() else repr(message)[1:-1]
+        text = safe_text(message, strip_ansi=False)
     else:
         text = repr(message)
     if rtt is not None:
@@ -2391,6 +2592,160 @@ def replay(db_path: str, broker_uri: str, pair_id: str, to_pid: str | None = Non
 
 
 ###############################################################################
+# Bounded HTTP: a total deadline and a size limit for every call ##############
+###############################################################################
+
+#: The largest answer an AxeOS or OpenObserve call accepts, in bytes
+#: (ESP-Miner's system info is about 2 KB).  Larger ones raise :exc:`APIException`.
+HTTP_MAX_BYTES = 1 << 20
+
+
+class _AnswerTooLarge(Exception):
+    pass
+
+
+class _Deadline:
+    """The total deadline of one HTTP call: when *timeout* seconds have
+    passed, every socket the call opened is shut down, which wakes any read
+    blocked on it (a server trickling a byte at a time never times out a
+    per-read timeout)."""
+
+    def __init__(self, timeout: float):
+        self.timeout = timeout
+        self.end = time.monotonic() + timeout
+        self.fired = False
+        self._socks = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(timeout, self._fire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def left(self) -> float:
+        return max(0.001, self.end - time.monotonic())
+
+    def add(self, sock) -> None:
+        import socket
+        watched = socket.fromfd(sock.fileno(), sock.family, sock.type)  # a dup: survives TLS wrapping
+        with self._lock:
+            self._socks.append(watched)
+            if self.fired:
+                self._shutdown(watched)
+
+    @staticmethod
+    def _shutdown(sock):
+        import socket
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _fire(self):
+        with self._lock:
+            self.fired = True
+            for sock in self._socks:
+                self._shutdown(sock)
+
+    def close(self):
+        self._timer.cancel()
+        with self._lock:
+            for sock in self._socks:
+                sock.close()
+            self._socks = []
+
+
+def _bounded_session(deadline: _Deadline):
+    """A :class:`requests.Session` whose connections register their sockets
+    with *deadline* (urllib3's documented ``ConnectionCls`` and
+    ``pool_classes_by_scheme`` hooks)."""
+    import requests
+    from requests.adapters import HTTPAdapter
+    from urllib3.connection import HTTPConnection, HTTPSConnection
+    from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+
+    def watched(base):
+        class Watched(base):
+            def _new_conn(self):
+                sock = super()._new_conn()
+                deadline.add(sock)
+                return sock
+        return Watched
+
+    class Pool(HTTPConnectionPool):
+        ConnectionCls = watched(HTTPConnection)
+
+    class TLSPool(HTTPSConnectionPool):
+        ConnectionCls = watched(HTTPSConnection)
+
+    pools = {"http": Pool, "https": TLSPool}
+
+    class Adapter(HTTPAdapter):
+        def init_poolmanager(self, *args, **kwargs):
+            super().init_poolmanager(*args, **kwargs)
+            self.poolmanager.pool_classes_by_scheme = pools
+
+        def proxy_manager_for(self, proxy, **kwargs):
+            manager = super().proxy_manager_for(proxy, **kwargs)
+            manager.pool_classes_by_scheme = pools
+            return manager
+
+    session = requests.Session()
+    session.mount("http://", Adapter())
+    session.mount("https://", Adapter())
+    return session
+
+
+def _bounded_request(method: str, url: str, timeout: float, max_bytes: int, out=None, **kwargs):
+    """One HTTP request (no redirect followed) that ends within *timeout*
+    seconds in total and reads at most *max_bytes* of answer.
+
+    The body is read as a stream: into ``r.content`` (so ``r.json()`` and
+    ``r.text`` work), or, for a 200 answer, written to the binary file *out*.
+
+    :raises _AnswerTooLarge: beyond *max_bytes* (announced or received)
+    :raises requests.RequestException: on network errors; when the deadline
+      passed, ``err.mqbtt_deadline`` is true (see :func:`_deadline_passed`)"""
+    import requests
+    deadline = _Deadline(timeout)
+    try:
+        with _bounded_session(deadline) as session:
+            try:
+                r = session.request(method, url, timeout=(timeout, timeout), stream=True,
+                                    allow_redirects=False, **kwargs)
+                try:
+                    length = r.headers.get("Content-Length", "")
+                    if length.strip().isdigit() and int(length) > max_bytes:
+                        raise _AnswerTooLarge()
+                    size, body = 0, bytearray()
+                    for chunk in r.iter_content(1 << 16):
+                        size += len(chunk)
+                        if size > max_bytes:
+                            raise _AnswerTooLarge()
+                        if out is None or r.status_code != 200:  # out gets only a 200's body
+                            body += chunk
+                        else:
+                            out.write(chunk)
+                    r._content = bytes(body)   # what requests' own .content would hold
+                finally:
+                    r.close()
+            except requests.RequestException as err:
+                err.mqbtt_deadline = deadline.fired
+                raise
+            if deadline.fired:  # the shutdown can look like a clean end of a body without length
+                err = requests.exceptions.ReadTimeout("total deadline passed")
+                err.mqbtt_deadline = True
+                raise err
+            return r
+    finally:
+        deadline.close()
+
+
+def _deadline_passed(err) -> bool:
+    """Whether the requests error *err* comes from a total deadline (or is a timeout)."""
+    import requests
+    return bool(getattr(err, "mqbtt_deadline", False)) or isinstance(err, requests.Timeout)
+
+
+###############################################################################
 # External services: AxeOS and OpenObserve ####################################
 ###############################################################################
 
@@ -2436,26 +2791,85 @@ def config_path() -> str:
 def _config():
     """The parsed configuration file (empty when the default file is absent).
 
-    :raises ValueError: if ``$MQBTT_CONFIG`` names a missing file or the file
-      is not valid INI (the message gives line numbers, never line contents,
-      which may hold a password)."""
+    Warns once (on the ``mqbtt`` logger, as ssh does for its keys) when the
+    file holds a password and others than its owner may read it.
+
+    :raises MQbtTConfigError: (a :exc:`ValueError`) if ``$MQBTT_CONFIG``
+      names a missing file, or the file is unreadable or not valid INI (the
+      message gives the file and line number, never line contents, which
+      may hold a password)."""
     import configparser
     path = config_path()
     cp = configparser.ConfigParser(interpolation=None)
     cp.optionxform = str  # pair ids are case-sensitive
     try:
-        with open(path, encoding="utf-8") as f:
-            cp.read_file(f, source=path)
+        with open(path, "rb") as f:
+            data = f.read((1 << 20) + 1)
+            mode = os.fstat(f.fileno()).st_mode
     except FileNotFoundError:
         if os.environ.get("MQBTT_CONFIG"):
-            raise ValueError(f"configuration file {path} (from $MQBTT_CONFIG) does not exist") from None
-    except configparser.ParsingError as err:
-        lines = ", ".join(str(n) for n, _ in err.errors) or str(getattr(err, "lineno", "?"))
-        raise ValueError(f"invalid configuration file {path} (line {lines}): "
-                         "expected [section] headers and 'key = value' lines") from None
-    except configparser.Error as err:  # duplicate section/option: names only
-        raise ValueError(f"invalid configuration file {path}: {' '.join(str(err).split())}") from None
+            raise MQbtTConfigError(f"configuration file {path} (from $MQBTT_CONFIG) does not "
+                                   "exist", path) from None
+        return cp
+    except OSError as err:
+        raise MQbtTConfigError(f"cannot read configuration file {path}: "
+                               f"{err.strerror or type(err).__name__}", path) from None
+    if len(data) > 1 << 20:
+        raise MQbtTConfigError(f"invalid configuration file {path}: larger than 1 MiB", path)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        lineno = data.count(b"\n", 0, err.start) + 1
+        raise MQbtTConfigError(f"invalid configuration file {path}, line {lineno}: "
+                               "not UTF-8 text", path, lineno) from None
+    try:
+        cp.read_string(text, source=path)
+    except configparser.Error as err:
+        raise _config_error(path, err) from None
+    _warn_if_exposed(path, mode, cp)
     return cp
+
+
+def _config_error(path: str, err) -> "MQbtTConfigError":
+    """A one-line :exc:`MQbtTConfigError` for the configparser error *err*:
+    the file, the line number(s) and the kind of error, never a line's content."""
+    import configparser
+    errors = getattr(err, "errors", None) or []   # ParsingError (3.12+: not on its subclasses)
+    numbers = [n for n, *_ in errors if isinstance(n, int)]
+    lineno = getattr(err, "lineno", None)
+    if lineno is not None and lineno not in numbers:
+        numbers.insert(0, lineno)
+    where = (f", line {numbers[0]}" if len(numbers) == 1 else
+             f", lines {', '.join(map(str, numbers))}" if numbers else "")
+    if isinstance(err, configparser.MissingSectionHeaderError):
+        what = "a setting before the first [section] header"
+    elif isinstance(err, configparser.DuplicateSectionError):
+        what = f"section [{safe_text(err.section)}] appears twice"
+    elif isinstance(err, configparser.DuplicateOptionError):
+        what = f"'{safe_text(err.option)}' appears twice in section [{safe_text(err.section)}]"
+    elif isinstance(err, configparser.ParsingError):
+        what = "expected a [section] header or a 'key = value' line"
+    else:
+        what = f"not a valid INI file ({type(err).__name__})"
+    return MQbtTConfigError(f"invalid configuration file {path}{where}: {what}", path,
+                            numbers[0] if numbers else None)
+
+
+_exposed_warned = set()
+
+
+def _warn_if_exposed(path: str, mode: int, cp) -> None:
+    """Log a warning (once per file) if *cp* holds a password and the file's
+    permissions let others than its owner read it."""
+    import stat
+    if not mode & 0o077 or path in _exposed_warned:
+        return
+    if not any(cp.get(section, "password", fallback="") for section in cp.sections()):
+        return
+    _exposed_warned.add(path)
+    log.warning("WARNING: UNPROTECTED CONFIGURATION FILE! Permissions %04o for '%s' are too "
+                "open: it holds a password that other users can read. Run: chmod 600 '%s'",
+                stat.S_IMODE(mode), path, path)
 
 
 def _base_url(text: str, what: str) -> str:
@@ -2532,23 +2946,25 @@ def _http(method: str, url: str, what: str, *, timeout=None, auth=None, json_bod
     hint = ("; the device may restart anyway: check it with 'axeos_info' before trying again"
             if no_retry_hint else "")
     try:
-        return requests.request(method, url, timeout=timeout, auth=auth, json=json_body,
-                                allow_redirects=False,
+        return _bounded_request(method, url, timeout, HTTP_MAX_BYTES, auth=auth, json=json_body,
                                 headers={"Accept": "application/json, text/plain;q=0.9, */*;q=0.5",
                                          "User-Agent": f"mqbtt/{__version__}"})
+    except _AnswerTooLarge:
+        raise APIException(f"{what}: {where}: the answer is larger than {HTTP_MAX_BYTES} bytes "
+                           "(mqbtt.HTTP_MAX_BYTES)") from None
     except requests.exceptions.ConnectTimeout:
         raise APIException(f"{what}: {where}: cannot connect within {timeout:g} s") from None
-    except requests.exceptions.Timeout:
-        raise APIException(f"{what}: {where}: no answer within {timeout:g} s{hint}") from None
-    except requests.exceptions.ConnectionError as err:
-        connected, reason = _net_reason(err)
-        if connected:
-            raise APIException(f"{what}: {where}: connection lost before an answer "
-                               f"({reason}){hint}") from None
-        raise APIException(f"{what}: {where}: cannot connect ({reason})") from None
     except requests.exceptions.RequestException as err:
+        if _deadline_passed(err):   # per-read timeout, or the total deadline
+            raise APIException(f"{what}: {where}: no answer within {timeout:g} s{hint}") from None
+        if isinstance(err, requests.exceptions.ConnectionError):
+            connected, reason = _net_reason(err)
+            if connected:
+                raise APIException(f"{what}: {where}: connection lost before an answer "
+                                   f"({reason}){hint}") from None
+            raise APIException(f"{what}: {where}: cannot connect ({reason})") from None
         raise APIException(f"{what}: {where}: {type(err).__name__}: "
-                           f"{' '.join(str(err).split())[:200]}") from None
+                           f"{safe_text(' '.join(str(err).split())[:200])}") from None
 
 
 def _snippet(r, limit: int = 200) -> str:
@@ -2557,7 +2973,7 @@ def _snippet(r, limit: int = 200) -> str:
         text = " ".join(r.text.split())
     except Exception:  # pragma: no cover - undecodable body
         text = ""
-    return text[:limit] + ("..." if len(text) > limit else "")
+    return safe_text(text[:limit]) + ("..." if len(text) > limit else "")
 
 
 class _AxeOSUnauthorized(APIException):
@@ -2576,7 +2992,7 @@ def _check_axeos(r, what: str) -> None:
     body = _snippet(r)
     if 300 <= r.status_code < 400:
         body = f"redirect to {_redact(r.headers.get('Location', '?'))}"
-    raise APIException(f"{what}: {where}: HTTP {r.status_code} {r.reason or ''}".rstrip()
+    raise APIException(f"{what}: {where}: HTTP {r.status_code} {safe_text(r.reason or '')}".rstrip()
                        + (f" ({body})" if body else ""))
 
 
@@ -2664,16 +3080,16 @@ def _o2_answer(r, s: _O2Settings, where: str) -> None:
     if not 200 <= r.status_code < 300:
         detail = answer.get("message") or answer.get("error") if isinstance(answer, dict) else None
         raise APIException(f"{what}: {where}: HTTP {r.status_code} {r.reason or ''}".rstrip()
-                           + f" ({' '.join(str(detail).split())[:200] if detail else _snippet(r)})")
+                           + f" ({safe_text(' '.join(str(detail).split())[:200]) if detail else _snippet(r)})")
     if not isinstance(answer, dict):
         raise APIException(f"{what}: {where}: the answer is not a JSON object "
                            f"({_snippet(r, 80) or 'empty'})")
     if answer.get("error"):
         raise APIException(f"{what}: {where}: OpenObserve reports an error: "
-                           f"{' '.join(str(answer['error']).split())[:200]}")
+                           f"{safe_text(' '.join(str(answer['error']).split())[:200])}")
     if answer.get("code", 200) != 200:
         raise APIException(f"{what}: {where}: OpenObserve answered code {answer.get('code')}"
-                           + (f" ({answer['message']})" if answer.get("message") else ""))
+                           + (f" ({safe_text(answer['message'])})" if answer.get("message") else ""))
     status = answer.get("status")
     if not isinstance(status, list) or not all(isinstance(x, dict) for x in status):
         raise APIException(f"{what}: {where}: the answer has no per-stream status "
@@ -2688,8 +3104,8 @@ def _o2_answer(r, s: _O2Settings, where: str) -> None:
             error = entry.get("error")
             raise APIException(
                 f"{what}: {where}: OpenObserve dropped the record (stream "
-                f"{entry.get('name', s.stream)!r}: {successful} successful, {failed} failed"
-                + (f": {' '.join(str(error).split())[:200]}" if error else "") + ")")
+                f"{safe_text(entry.get('name', s.stream))!r}: {successful} successful, {failed} failed"
+                + (f": {safe_text(' '.join(str(error).split())[:200])}" if error else "") + ")")
         ok += successful
     if ok < 1:
         raise APIException(f"{what}: {where}: OpenObserve stored no record ({_snippet(r, 80)})")
@@ -2828,6 +3244,36 @@ def restart(pid: str, detail: str = "", *, wait: float | None = None, history: b
     return result
 
 
+#: The longest line :func:`wslog` writes, in characters; a longer line is
+#: split into pieces of this length, each but the last ending with
+#: :data:`WSLOG_SPLIT_MARK` (AxeOS log lines are well under 1000 characters).
+WSLOG_MAX_LINE = 16384
+
+#: What ends each piece of a line that :func:`wslog` had to split.
+WSLOG_SPLIT_MARK = " [mqbtt: line split]"
+
+
+def _ws_socket(url: str, deadline: "_Deadline"):
+    """The connected (for ``wss``, TLS-wrapped) socket for the websocket
+    *url*, registered with *deadline* so the whole handshake, TLS included,
+    ends when it passes (websocket-client's timeout is per read)."""
+    import socket
+    from urllib.parse import urlsplit
+    u = urlsplit(url)
+    secure = u.scheme == "wss"
+    sock = socket.create_connection((u.hostname, u.port or (443 if secure else 80)),
+                                    timeout=deadline.left())
+    deadline.add(sock)
+    if secure:
+        import ssl
+        try:
+            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=u.hostname)
+        except BaseException:
+            sock.close()
+            raise
+    return sock
+
+
 def _ws_url(base: str) -> str:
     return ("wss" if base.startswith("https:") else "ws") + base[base.index(":"):] + "/api/ws"
 
@@ -2839,7 +3285,10 @@ def wslog(pid: str, path: str, *, duration: float | None = None, stop=None,
 
     Frames are plain text; they may split a line or join several, and carry
     ANSI colour codes: complete lines are reassembled, stripped of escape
-    sequences and ``\\r``, appended and flushed one by one.  A dropped
+    sequences and ``\\r``, other control characters neutralised (see
+    :func:`safe_text`), appended and flushed one by one.  A line longer than
+    :data:`WSLOG_MAX_LINE` characters is split, each piece but the last
+    ending with :data:`WSLOG_SPLIT_MARK`.  A dropped
     connection is re-established with exponential back-off (*backoff*:
     first and maximum delay in seconds, reset once data flows again); a line
     cut by the drop is written as it is.  The first connection must succeed.
@@ -2864,9 +3313,7 @@ def wslog(pid: str, path: str, *, duration: float | None = None, stop=None,
       websocket).
     :raises OSError: if the file cannot be written."""
     import codecs
-    import re
     import websocket
-    ansi = re.compile(_ANSI_PATTERN)
     url = _ws_url(pid2url(pid))
     where = f"AxeOS websocket log: {_redact(url)}"
     say = progress or (lambda event, message: event == "lost" and log.warning("wslog: %s", message))
@@ -2897,18 +3344,47 @@ def wslog(pid: str, path: str, *, duration: float | None = None, stop=None,
     with open(path, "a", encoding="utf-8") as f:
         def emit(text):
             nonlocal count
-            f.write(ansi.sub("", text).replace("\r", "") + "\n")
+            f.write(safe_text(text.replace("\r", "")) + "\n")
             f.flush()
             count += 1
+
+        def take_lines(text):
+            """Add *text* to the pending line; write every complete line, and
+            split a line longer than WSLOG_MAX_LINE (each piece but the last
+            ends with WSLOG_SPLIT_MARK).  Only new text is scanned, and the
+            pending line stays bounded: linear in the stream's length."""
+            nonlocal pending
+            *lines, rest = text.split("\n")
+            for line in lines:
+                _long(pending + line)
+                pending = ""
+            pending += rest
+            if len(pending) > WSLOG_MAX_LINE:
+                pending = _long(pending, keep_tail=True)
+
+        def _long(line, keep_tail=False):
+            """Write *line* in pieces of WSLOG_MAX_LINE characters; with
+            *keep_tail*, return the last (incomplete) piece instead."""
+            start = 0
+            while len(line) - start > WSLOG_MAX_LINE:
+                emit(line[start:start + WSLOG_MAX_LINE] + WSLOG_SPLIT_MARK)
+                start += WSLOG_MAX_LINE
+            if keep_tail:
+                return line[start:]
+            emit(line[start:])
+            return ""
 
         decoder = None
         try:
             while not stopping():
                 ws = None
+                deadline = _Deadline(connect_timeout)  # the handshake's total deadline
                 try:
                     ws = websocket.create_connection(url, timeout=connect_timeout,
                                                      suppress_origin=True,
-                                                     skip_utf8_validation=True)
+                                                     skip_utf8_validation=True,
+                                                     redirect_limit=0,  # no redirect followed
+                                                     socket=_ws_socket(url, deadline))
                 except websocket.WebSocketBadStatusException as err:
                     code = err.status_code
                     if code == 401:
@@ -2926,9 +3402,14 @@ def wslog(pid: str, path: str, *, duration: float | None = None, stop=None,
                 except (OSError, websocket.WebSocketException) as err:
                     reason = (err.strerror if isinstance(err, OSError) and err.strerror
                               else " ".join(str(err).split())[:200] or type(err).__name__)
+                    if deadline.fired:
+                        reason = f"no handshake answer within {connect_timeout:g} s"
+                    reason = safe_text(reason)
                     if first:
                         raise APIException(f"{where}: cannot connect ({reason[:1].lower() + reason[1:]})") from None
-                else:
+                finally:
+                    deadline.close()
+                if ws is not None:
                     first = False
                     say("connected", f"connected to {_redact(url)}, appending to {path}")
                     got_data = False
@@ -2944,10 +3425,7 @@ def wslog(pid: str, path: str, *, duration: float | None = None, stop=None,
                             if opcode == websocket.ABNF.OPCODE_CLOSE:
                                 break
                             got_data = True
-                            pending += decoder.decode(data if isinstance(data, bytes) else data.encode())
-                            *lines, pending = pending.split("\n")
-                            for line in lines:
-                                emit(line)
+                            take_lines(decoder.decode(data if isinstance(data, bytes) else data.encode()))
                     except (OSError, websocket.WebSocketException) as err:
                         reason = " ".join(str(err).split())[:200] or type(err).__name__
                     finally:
@@ -3069,23 +3547,96 @@ def _version_key(version: str) -> tuple:
     return tuple(numbers), m.group(2) == "", m.group(2)
 
 
-def _fetch(url: str, timeout: float, out=None) -> bytes:
-    """GET *url*; write the body to the binary file *out* (return b"") or return it."""
-    import requests
+#: The largest ``mqbtt.pyz`` that :func:`upgrade` downloads, in bytes (a
+#: release is about 1.2 MB); ``mqbtt.pyz.sha256`` may have at most 4 KiB.
+UPGRADE_MAX_BYTES = 64 << 20
+
+
+def _check_release_url(url: str) -> None:
+    """Refuse a release URL that is not ``https://``, except ``http://`` to
+    this machine (``localhost``, 127.0.0.0/8, ``::1``): a plain-HTTP
+    download can be replaced on the way, checksum included."""
+    import ipaddress
+    from urllib.parse import urlsplit
     try:
-        with requests.get(url, timeout=timeout, stream=out is not None,
-                          headers={"User-Agent": f"mqbtt/{__version__}"}) as r:
-            if r.status_code != 200:
-                raise MQbtTError(f"cannot download {_redact(url)}: HTTP {r.status_code} {r.reason}")
-            if out is None:
-                return r.content
-            for chunk in r.iter_content(1 << 16):
-                out.write(chunk)
-            return b""
-    except requests.Timeout:
-        raise MQbtTError(f"cannot download {_redact(url)}: no answer within {timeout:g} s") from None
-    except requests.RequestException as err:
-        raise MQbtTError(f"cannot download {_redact(url)}: {_net_reason(err)[1]}") from None
+        u = urlsplit(url)
+        scheme, host = u.scheme.lower(), (u.hostname or "")
+    except ValueError:
+        raise MQbtTError(f"invalid release URL {_redact(url)!r}") from None
+    if scheme == "https" and host:
+        return
+    if scheme == "http" and host:
+        try:
+            loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = False
+        if loopback:
+            return
+        raise MQbtTError(f"refusing plain http:// for {_redact(url)}: use https:// "
+                         "(http:// is accepted only for this machine: localhost, 127.0.0.0/8, ::1)")
+    raise MQbtTError(f"invalid release URL {_redact(url)!r}: https://HOST/... expected")
+
+
+def _fetch(url: str, timeout: float, out=None, max_bytes: int = 4096) -> bytes:
+    """GET *url* within *timeout* seconds in total, following up to 5
+    redirects (each must pass :func:`_check_release_url`); write the body to
+    the binary file *out* (return b"") or return it.  At most *max_bytes*.
+
+    :raises MQbtTError: in one line, the URL's password redacted"""
+    import requests
+    from urllib.parse import urljoin
+    shown = _redact(url)
+    end = time.monotonic() + timeout
+    for _ in range(6):
+        _check_release_url(url)
+        left = end - time.monotonic()
+        if left <= 0:
+            break
+        try:
+            r = _bounded_request("GET", url, left, max_bytes, out=out,
+                                 headers={"User-Agent": f"mqbtt/{__version__}"})
+        except _AnswerTooLarge:
+            raise MQbtTError(f"cannot download {shown}: larger than {max_bytes} bytes") from None
+        except requests.RequestException as err:
+            if _deadline_passed(err):
+                break
+            raise MQbtTError(f"cannot download {shown}: {_net_reason(err)[1]}") from None
+        if r.status_code in (301, 302, 303, 307, 308) and r.headers.get("Location"):
+            url = urljoin(url, r.headers["Location"])
+            continue
+        if r.status_code != 200:
+            raise MQbtTError(f"cannot download {shown}: HTTP {r.status_code} "
+                             f"{safe_text(r.reason or '')}".rstrip())
+        return b"" if out is not None else r.content
+    else:
+        raise MQbtTError(f"cannot download {shown}: more than 5 redirects")
+    raise MQbtTError(f"cannot download {shown}: no answer within {timeout:g} s") from None
+
+
+def _zip_version(path: str) -> str:
+    """The version of the mqbtt zipapp *path*, read from its content without
+    running anything: the ``VERSION`` line build_zipapp.py writes into
+    ``site-packages/mqbtt_boot.py`` (else ``__version__`` in
+    ``site-packages/mqbtt.py``).
+
+    :raises MQbtTError: if it is not a zip or holds no readable version"""
+    import re
+    import zipfile
+    pattern = re.compile(rb"^(?:VERSION|__version__) = (['\"])([0-9][0-9A-Za-z.+_-]{0,63})\1\s*$", re.M)
+    try:
+        with zipfile.ZipFile(path) as z:
+            for name in ("site-packages/mqbtt_boot.py", "site-packages/mqbtt.py"):
+                try:
+                    with z.open(name) as f:
+                        m = pattern.search(f.read(4 << 20))   # bounded: no zip bomb
+                except KeyError:
+                    continue
+                if m:
+                    return m.group(2).decode("ascii")
+    except (OSError, zipfile.BadZipFile, RuntimeError, ValueError, EOFError) as err:
+        raise MQbtTError(f"cannot read the version of {path}: {safe_text(err)}") from None
+    raise MQbtTError(f"{path} is not an mqbtt zipapp: it has no site-packages/mqbtt_boot.py "
+                     "or mqbtt.py with a version")
 
 
 def _zipapp_version(path: str, timeout: float = 120) -> str:
@@ -3105,29 +3656,57 @@ def _zipapp_version(path: str, timeout: float = 120) -> str:
     words = r.stdout.split()
     if r.returncode != 0 or len(words) != 2 or words[0] != "mqbtt":
         raise MQbtTError("the downloaded mqbtt.pyz does not run or does not report a version "
-                         f"(exit {r.returncode}: {(r.stdout + r.stderr).strip()[-200:]!r})")
+                         f"(exit {r.returncode}: {safe_text((r.stdout + r.stderr).strip()[-200:])!r})")
     return words[1]
+
+
+def _fsync_dir(directory: str) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def upgrade(target: str, url: str | None = None, check: bool = False,
             timeout: float = 60.0, progress=None) -> tuple:
     """Replace the zipapp *target* by the newest release, if newer.
 
-    Downloads ``<url>/mqbtt.pyz.sha256`` (``sha256sum`` format) and
-    ``<url>/mqbtt.pyz`` into a temporary file beside *target*, and checks that
-    the download has that SHA-256, is a zip file with a ``#!`` line, runs and
-    reports a newer version than *target*.  Only then is the previous file
-    kept as ``<target>.bak`` and *target* atomically replaced (``os.replace``;
-    a symlink is resolved first, so the link stays and its target changes;
-    the file mode is kept).  Any failure leaves *target* untouched.
+    The release location must be ``https://`` (``http://`` only for this
+    machine: ``localhost``, 127.0.0.0/8, ``::1``); redirects are followed
+    under the same rule.  Downloads ``<url>/mqbtt.pyz.sha256``
+    (``sha256sum`` format) and ``<url>/mqbtt.pyz`` (at most
+    :data:`UPGRADE_MAX_BYTES`) into a temporary file beside *target*, and
+    checks that the download has that SHA-256, is a zip file with a ``#!``
+    line and holds a newer version than *target*.  The versions are read
+    from the zip files' content: nothing is executed to learn them, so
+    *check* runs nothing it downloaded.  Before replacing, the new file is
+    run once with ``--version`` by this Python (it must run and report the
+    version it holds).  Only then is the download flushed to disk
+    (``fsync``), the previous file kept as ``<target>.bak`` and *target*
+    atomically replaced (``os.replace``, then an ``fsync`` of the
+    directory; a symlink is resolved first, so the link stays and its
+    target changes; the file mode is kept).  Any failure leaves *target*
+    untouched.
+
+    What this verifies: that the file is the one the server publishes,
+    complete and uncorrupted, a zipapp of a newer mqbtt that runs.  What it
+    does not: who made it.  The checksum comes from the same server as the
+    file, so only TLS (the server's certificate, checked against the system
+    CAs) vouches for both; nothing is signed.
 
     :param target: the installed ``mqbtt.pyz`` (symlinks are followed)
     :param url: the base URL (default: ``$MQBTT_UPGRADE_URL``, else :data:`UPGRADE_URL`)
-    :param check: only find out whether a newer version exists; change nothing
-    :param timeout: timeout of each HTTP request, in seconds
+    :param check: only find out whether a newer version exists; change and run nothing
+    :param timeout: total time each download may take, in seconds
     :param progress: called with a one-line message at each step, if given
     :returns: ``(installed_version, available_version, replaced)``
-    :raises MQbtTError: on a download, checksum or validation failure
+    :raises MQbtTError: on a refused URL, a download, checksum or validation failure
     :raises OSError: if the target cannot be read or replaced"""
     import hashlib
     import shutil
@@ -3135,22 +3714,26 @@ def upgrade(target: str, url: str | None = None, check: bool = False,
     import zipfile
     say = progress or (lambda message: None)
     base = (url or os.environ.get(UPGRADE_URL_ENV) or UPGRADE_URL).rstrip("/")
+    shown = _redact(base)
+    _check_release_url(base + "/")
     target = os.path.realpath(target)
     directory = os.path.dirname(target)
-    installed = __version__ if running_zipapp() == target else _zipapp_version(target)
+    installed = __version__ if running_zipapp() == target else _zip_version(target)
     text = _fetch(f"{base}/mqbtt.pyz.sha256", timeout).decode("utf-8", "replace")
     words = text.split()
     expected = words[0].lower() if words else ""
     if len(expected) != 64 or any(c not in "0123456789abcdef" for c in expected):
-        raise MQbtTError(f"{base}/mqbtt.pyz.sha256 is not in sha256sum format")
+        raise MQbtTError(f"{shown}/mqbtt.pyz.sha256 is not in sha256sum format")
     if not os.access(directory, os.W_OK | os.X_OK) and not check:
         raise MQbtTError(f"cannot replace {target}: directory {directory} is not writable")
-    say(f"downloading {base}/mqbtt.pyz")
+    say(f"downloading {shown}/mqbtt.pyz")
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=".download",
                                dir=None if check else directory)
     try:
         with os.fdopen(fd, "wb") as f:
-            _fetch(f"{base}/mqbtt.pyz", timeout, out=f)
+            _fetch(f"{base}/mqbtt.pyz", timeout, out=f, max_bytes=UPGRADE_MAX_BYTES)
+            f.flush()
+            os.fsync(f.fileno())
         h = hashlib.sha256()
         with open(tmp, "rb") as f:
             head = f.read(2)
@@ -3158,18 +3741,28 @@ def upgrade(target: str, url: str | None = None, check: bool = False,
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
         if h.hexdigest() != expected:
-            raise MQbtTError(f"checksum mismatch for {base}/mqbtt.pyz: "
+            raise MQbtTError(f"checksum mismatch for {shown}/mqbtt.pyz: "
                              f"got {h.hexdigest()}, published {expected}; nothing changed")
         if head != b"#!" or not zipfile.is_zipfile(tmp):
-            raise MQbtTError(f"{base}/mqbtt.pyz is not a zipapp (no #! line or not a zip file)")
-        available = _zipapp_version(tmp)
+            raise MQbtTError(f"{shown}/mqbtt.pyz is not a zipapp (no #! line or not a zip file)")
+        try:
+            available = _zip_version(tmp)
+        except MQbtTError:
+            raise MQbtTError(f"{shown}/mqbtt.pyz is not an mqbtt zipapp (no version in it)") from None
         if check or _version_key(available) <= _version_key(installed):
             return installed, available, False
+        reported = _zipapp_version(tmp)
+        if reported != available:
+            raise MQbtTError(f"{shown}/mqbtt.pyz reports version {safe_text(reported)} but "
+                             f"holds {available}; nothing changed")
         os.chmod(tmp, os.stat(target).st_mode & 0o7777)
         backup = target + ".bak"
         shutil.copy2(target, tmp + ".bak")
+        with open(tmp + ".bak", "rb+") as f:
+            os.fsync(f.fileno())
         os.replace(tmp + ".bak", backup)
         os.replace(tmp, target)
+        _fsync_dir(directory)
         return installed, available, True
     finally:
         for path in (tmp, tmp + ".bak"):
@@ -3343,7 +3936,7 @@ def _cmd_restart(argv):
                    help=f"timeout of each HTTP call, default: {HTTP_TIMEOUT:g}")
     a = p.parse_args(argv)
     restart(a.pid, a.detail, wait=a.wait, history=not a.no_history, timeout=a.timeout,
-            progress=lambda message: print(f"mqbtt restart: {message}", flush=True))
+            progress=lambda message: print(f"mqbtt restart: {safe_text(message)}", flush=True))
     return 0
 
 
@@ -3366,7 +3959,7 @@ def _cmd_wslog(argv):
                   f"logging resumes only after a miner restart ('mqbtt restart --pid {a.pid}')",
                   file=sys.stderr, flush=True)
             message += " (Ctrl-C to stop)"
-        print(f"mqbtt wslog: {message}", file=sys.stderr, flush=True)
+        print(f"mqbtt wslog: {safe_text(message)}", file=sys.stderr, flush=True)
 
     n = wslog(a.pid, a.file, duration=a.duration, progress=progress)
     print(f"mqbtt wslog: {n} lines appended to {a.file}", file=sys.stderr, flush=True)
@@ -3483,7 +4076,7 @@ def _cli_logging(cmd):
         log.propagate = False
     for h in log.handlers:
         if getattr(h, "_mqbtt_cli", False):
-            h.setFormatter(logging.Formatter(f"mqbtt {cmd}: %(message)s"))
+            h.setFormatter(_SafeFormatter(f"mqbtt {cmd}: %(message)s"))
     if log.level == logging.NOTSET:
         log.setLevel(logging.INFO)
 
@@ -3523,7 +4116,7 @@ def main(argv: list | None = None, prog: str | None = None) -> int:
             pass
         return 0
     except (MQbtTError, ValueError, OSError) as err:
-        print(f"mqbtt {cmd}: error: {err}", file=sys.stderr)
+        print(f"mqbtt {cmd}: error: {safe_text(err)}", file=sys.stderr)
         return 1
 
 

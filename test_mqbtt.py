@@ -239,8 +239,18 @@ def test_broker_uri_forms(uri, expect):
     assert (b.scheme, b.host, b.port, b.tls, b.transport) == expect
 
 
-@pytest.mark.parametrize("uri", ["mqtt://alice:s3cr/et@x@127.0.0.1:5", "mqtt://alice:pa#s3cr@127.0.0.1:5",
-                                 "mqtt://alice:pa?s3cr@127.0.0.1:5", "mqtt://alice:s3cr@h:99999"])
+@pytest.mark.parametrize("uri, password", [("mqtt://alice:s3cr/et@x@127.0.0.1:5", "s3cr/et@x"),
+                                           ("mqtt://alice:pa#s3cr@127.0.0.1:5", "pa#s3cr"),
+                                           ("mqtt://alice:pa?s3cr@127.0.0.1:5", "pa?s3cr")])
+def test_unencoded_password_characters(uri, password):
+    # issue 12: the user information ends at the last '@', as browsers read it
+    b = mqbtt.BrokerURI.parse(uri)
+    assert (b.username, b.password, b.host, b.port) == ("alice", password, "127.0.0.1", 5)
+    assert "s3cr" not in str(b) + repr(b)
+
+
+@pytest.mark.parametrize("uri", ["mqtt://alice:s3cr@h:99999", "mqtt://alice:s3cr/x@h:0",
+                                 "mqtt://alice:s3cr@h?bogus=1", "mqtt://alice:s3cr@"])
 def test_bad_broker_uri_never_quotes_the_password(uri):
     with pytest.raises(ValueError) as e:
         mqbtt.BrokerURI.parse(uri)

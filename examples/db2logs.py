@@ -9,7 +9,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from mqbtt import MQbtTDataBase  # noqa: E402
+from mqbtt import MQbtTDataBase, safe_text  # noqa: E402
 
 
 def main(argv):
@@ -23,7 +23,8 @@ def main(argv):
     with MQbtTDataBase(path) as db:
         for record in db.logs(pair_id=pair_id):
             when = record.timestamp.astimezone()  # local time
-            print(f"{when:%Y-%m-%d %H:%M:%S%z} {record.message}")
+            # a log line is the miner's text: no terminal escapes or line breaks
+            print(f"{when:%Y-%m-%d %H:%M:%S%z} {safe_text(record.message or '')}")
     return 0
 
 

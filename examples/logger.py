@@ -8,7 +8,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from mqbtt import DEFAULT_BROKER, MQbtTError, MQbtTLogReceiver  # noqa: E402
+from mqbtt import DEFAULT_BROKER, MQbtTError, MQbtTLogReceiver, safe_text  # noqa: E402
 
 
 def main(pair_id="test", broker=None):
@@ -17,7 +17,8 @@ def main(pair_id="test", broker=None):
         print(f"logger: listening to the log lines of pair {pair_id!r} on {handle.broker}",
               file=sys.stderr, flush=True)
         while True:
-            print(handle.receive_log(), flush=True)
+            # a log line is the miner's text: no terminal escapes or line breaks
+            print(safe_text(handle.receive_log()), flush=True)
 
 
 if __name__ == "__main__":
