@@ -3670,8 +3670,8 @@ def run_exporter(broker_uri: str | None = None, listen: str = "127.0.0.1:9108", 
     *ready*, if given, is called with ``(stats, host, port)`` once serving.
 
     :raises MQbtTError: without prometheus_client (naming the pip command),
-      or when the broker cannot be reached.
-    :raises OSError: when *listen* cannot be bound.
+      when the broker cannot be reached (:exc:`MQbtTConnectionError`) or
+      when *listen* cannot be bound.
     :raises ValueError: for a bad *listen* address."""
     host, port = parse_listen(listen)
     prom = _prometheus()
@@ -3690,7 +3690,7 @@ def run_exporter(broker_uri: str | None = None, listen: str = "127.0.0.1:9108", 
             try:
                 started = prom.start_http_server(port, addr=host, registry=registry)
             except OSError as err:
-                raise OSError(err.errno, f"cannot listen on {listen}: {err.strerror or err}") from None
+                raise MQbtTError(f"cannot listen on {listen}: {err.strerror or err}") from None
             server = started[0] if isinstance(started, tuple) else None
             if ready is not None:
                 bound = server.server_address[:2] if server is not None else (host, port)
