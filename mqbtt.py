@@ -3466,6 +3466,11 @@ def run_top(broker_uri: str | None = None, pair_ids=None, *, interval: float = 1
         if not isinstance(value, (int, float)) or not 0 < value < float("inf"):
             raise ValueError(f"{name} must be a positive number of seconds, not {value!r}")
     out = out or sys.stdout
+    if full_screen is not False and out is sys.stdout:
+        # curses would take an exported LINES/COLUMNS over the real size of
+        # the window (and ignore resizes): the terminal knows better
+        for name in ("LINES", "COLUMNS"):
+            os.environ.pop(name, None)
     stats = FleetStats(broker_uri, pair_ids, max_pairs=max_pairs, stale_after=stale, role="top")
     stop = stop or threading.Event()
     old = _stop_signals(stop)
