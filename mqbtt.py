@@ -3706,10 +3706,14 @@ def run_exporter(broker_uri: str | None = None, listen: str = "127.0.0.1:9108", 
             if not stop.is_set():
                 raise
         finally:
-            if server is not None:
-                server.shutdown()
-                server.server_close()
+            closer = None
+            if server is not None:   # serve_forever notices within its 0.5 s poll: meanwhile disconnect
+                closer = threading.Thread(target=server.shutdown, daemon=True)
+                closer.start()
             stats.stop()
+            if closer is not None:
+                closer.join()
+                server.server_close()
     finally:
         _restore_signals(old)
     return 0

@@ -463,6 +463,11 @@ def test_top_in_tmux_three_pairs(broker, tmux, procs):
                      what="reversed")
     tmux.keys("s")                                                 # by shares per minute
     tmux.wait_screen(lambda s: order(s) == ["charlie", "alpha", "bravo"], what="sorted by shr/m")
+    # a narrower window: top redraws at the new width (the footer is cut to fit)
+    assert tmux.tmux("resize-window", "-t", "t", "-x", "100", "-y", "20").returncode == 0
+    tmux.wait_screen(lambda s: any(x.startswith("sort: shr/m") and x.rstrip().endswith("…")
+                                   and len(x.rstrip()) == 99 for x in s.splitlines())
+                     and len(rows(s)) == 3, what="redrawn at 100 columns")
 
     gens["charlie"].stop()                                         # charlie goes silent
     screen = tmux.wait_screen(lambda s: "stale" in " ".join(rows(s).get("charlie", [])),
