@@ -676,8 +676,11 @@ def test_exporter_scraped_by_prometheus(broker, tmp_path, exporters, procs):
         publish(broker, "mqbtt/p3/log", f"I ({k}) other".encode())
     for bad in (b"\xff\xff", b"\x08"):
         publish(broker, "mqbtt/p3/srv", bad)
+    weird = 'we"ird\\id} é,x="1'          # quotes, a backslash, a brace in a label value
+    publish(broker, f"mqbtt/{weird}/log", b"hi")
     expected = {("p1", "srv"): 10, ("p1", "esp"): 10, ("p1", "log"): 7, ("p2", "srv"): 10,
-                ("p2", "esp"): 10, ("p2", "shr"): 3, ("p3", "log"): 5, ("p3", "srv"): 2}
+                ("p2", "esp"): 10, ("p2", "shr"): 3, ("p3", "log"): 5, ("p3", "srv"): 2,
+                (weird, "log"): 1}
 
     def counts():
         got = {(dict(k)["pair_id"], dict(k)["subtopic"]): v
@@ -692,11 +695,11 @@ def test_exporter_scraped_by_prometheus(broker, tmp_path, exporters, procs):
     assert exp.samples("mqbtt_undecodable_messages_total")[
         (("pair_id", "p3"), ("subtopic", "srv"))] == 2
     assert exp.samples("mqbtt_best_share_difficulty") == {(("pair_id", "p2"),): 2.5e9}
-    assert exp.samples("mqbtt_reply_round_trip_seconds_count") == {
+    assert exp.samples("mqbtt_reply_round_trip_seconds_count") == {  # no histogram for weird
         (("pair_id", "p1"),): 10, (("pair_id", "p2"),): 10, (("pair_id", "p3"),): 0}
     assert exp.samples("mqbtt_share_difficulty_bucket")[(("le", "1000.0"), ("pair_id", "p2"))] == 1
     assert exp.samples("mqbtt_broker_connected") == {(): 1.0}
-    assert exp.samples("mqbtt_pairs") == {(): 3.0}
+    assert exp.samples("mqbtt_pairs") == {(): 4.0}
     last = exp.samples("mqbtt_last_message_timestamp_seconds")
     assert all(abs(v - time.time()) < 120 for v in last.values()) and len(last) == len(expected)
 
@@ -705,7 +708,7 @@ def test_exporter_scraped_by_prometheus(broker, tmp_path, exporters, procs):
         def per_pair():
             res = prom.query("sum by (pair_id) (mqbtt_messages_total)")
             got = {x["metric"]["pair_id"]: float(x["value"][1]) for x in res}
-            return got if got == {"p1": 27.0, "p2": 23.0, "p3": 7.0} else None
+            return got if got == {"p1": 27.0, "p2": 23.0, "p3": 7.0, weird: 1.0} else None
         wait_until(per_pair, 60, 0.5, "Prometheus to scrape the exporter")
         res = prom.query('mqbtt_messages_total{subtopic="srv"}')
         assert {x["metric"]["pair_id"]: x["value"][1] for x in res} == {"p1": "10", "p2": "10", "p3": "2"}
