@@ -3483,7 +3483,12 @@ def run_top(broker_uri: str | None = None, pair_ids=None, *, interval: float = 1
                 full_screen = _full_screen_ok(out)
             if full_screen:
                 import curses
-                curses.wrapper(_top_screen, stats, stop, sort, refresh)
+                try:
+                    curses.wrapper(_top_screen, stats, stop, sort, refresh)
+                except curses.error as err:
+                    log.warning("cannot drive the terminal full screen (%s): printing a table "
+                                "every %g s instead", err, interval)
+                    _top_plain(stats, stop, out, interval, sort)
             else:
                 _top_plain(stats, stop, out, interval, sort)
         except KeyboardInterrupt:
