@@ -3226,8 +3226,8 @@ class FleetStats:
         :raises MQbtTConnectionError: when the broker cannot be reached or
           refuses the connection within *connect_timeout* seconds.
         :raises MQbtTSubscribeError: when it refuses the subscription."""
-        if self._conn is not None:
-            return self
+        if self._conn is not None and not self._conn.stopping:
+            return self                      # already started (a stopped one reconnects)
         self._t0 = time.time()
         conn = _Connection(self.broker, self.client_id, True, self.subscriptions,
                            self._on_message, self.keepalive)

@@ -895,3 +895,6 @@ def test_fleet_stats_live(broker, procs):
     assert not s.connected
     s.stop()                                    # idempotent
     assert "FleetStats" in repr(s)
+    assert s.start().connected                  # and it can start again
+    s.stop()
+    assert [x.messages["srv"] for x in s.pairs()] == [10]   # the statistics stay
