@@ -550,6 +550,17 @@ def test_top_piped_prints_tables(broker, procs):
     assert err == "" and "bravo" not in rest
 
 
+@pytest.fixture
+def cli():
+    """``mqbtt.main`` in this process, leaving the ``mqbtt`` logger as it found it
+    (main() sets up its CLI handler, which other tests' caplog must not inherit)."""
+    log = mqbtt.log
+    saved = (list(log.handlers), log.propagate, log.level)
+    yield mqbtt.main
+    log.handlers[:], log.propagate = saved[0], saved[1]
+    log.setLevel(saved[2])
+
+
 @pytest.mark.parametrize("args,fragment", [
     (["--stale", "0"], "--stale"), (["--stale", "abc"], "--stale"), (["--stale", "inf"], "--stale"),
     (["--interval", "-1"], "--interval"), (["--interval", "nan"], "--interval"),
@@ -558,8 +569,8 @@ def test_top_piped_prints_tables(broker, procs):
     (["--max-pairs", "0"], "--max-pairs"), (["--max-pairs", "1e9"], "--max-pairs"),
     (["--sort", "z"], "--sort"), (["--bogus"], "unrecognized"),
 ])
-def test_top_usage_errors(args, fragment, capsys):
-    assert mqbtt.main(["top", *args]) == 2
+def test_top_usage_errors(args, fragment, capsys, cli):
+    assert cli(["top", *args]) == 2
     out, err = capsys.readouterr()
     assert err.strip().splitlines()[-1].startswith("mqbtt_top: error:") and fragment in err
     assert "Traceback" not in err and out == ""
@@ -806,8 +817,8 @@ def test_exporter_memory_is_bounded_with_10000_pair_ids(tmp_path, exporters):
     (["--forget", "0"], "--forget"), (["--max-pairs", "-3"], "--max-pairs"),
     (["--pid", "x+y"], "invalid pair id"), (["--broker", ""], "empty"),
 ])
-def test_exporter_usage_errors(args, fragment, capsys):
-    assert mqbtt.main(["exporter", *args]) == 2
+def test_exporter_usage_errors(args, fragment, capsys, cli):
+    assert cli(["exporter", *args]) == 2
     out, err = capsys.readouterr()
     assert err.strip().splitlines()[-1].startswith("mqbtt_exporter: error:")
     assert fragment in err and "Traceback" not in err and out == ""
