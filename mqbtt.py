@@ -3140,6 +3140,11 @@ class FleetStats:
         #: messages on topics that are not ``mqbtt/<pair id>/<subtopic>``
         #: (empty or over-long pair id, unknown subtopic)
         self.ignored_messages = 0
+        #: the latest connection event (disconnected, reconnected, refused), or None
+        self.last_event = None
+        #: when true, connection events are only kept in :attr:`last_event`
+        #: (``mqbtt top`` sets it while curses owns the terminal)
+        self.quiet = False
         self._conn = None
 
     # -- feeding ---------------------------------------------------------------
@@ -3230,7 +3235,7 @@ class FleetStats:
             return self                      # already started (a stopped one reconnects)
         self._t0 = time.time()
         conn = _Connection(self.broker, self.client_id, True, self.subscriptions,
-                           self._on_message, self.keepalive)
+                           self._on_message, self.keepalive, self._notify, on_fatal=self._fatal)
         self._conn = conn
         try:
             conn.start(connect_timeout)
@@ -3238,6 +3243,16 @@ class FleetStats:
             self._conn = None
             raise
         return self
+
+    def _notify(self, text):
+        self.last_event = text
+        if not self.quiet:
+            log.info("%s", text)
+
+    def _fatal(self, err):
+        self.last_event = str(err)
+        if not self.quiet:
+            log.error("%s", err)
 
     @property
     def connected(self) -> bool:
@@ -3407,6 +3422,8 @@ def _fleet_title(stats: FleetStats, n: int, now: float) -> str:
     import datetime
     when = datetime.datetime.fromtimestamp(now).astimezone().strftime("%Y-%m-%d %H:%M:%S%z")
     state = "connected" if stats.connected else "DISCONNECTED"
+    if not stats.connected and stats.quiet and stats.last_event:
+        state += ": " + _fleet_text(stats.last_event)
     extra = f", {stats.dropped_pairs} dropped (more than {stats.max_pairs})" if stats.dropped_pairs else ""
     return f"mqbtt top  {when}  {stats.broker} ({state})  {n} pair{'s' * (n != 1)}{extra}"
 
@@ -3483,9 +3500,11 @@ def run_top(broker_uri: str | None = None, pair_ids=None, *, interval: float = 1
                 full_screen = _full_screen_ok(out)
             if full_screen:
                 import curses
+                stats.quiet = True      # log lines would scribble over the screen
                 try:
                     curses.wrapper(_top_screen, stats, stop, sort, refresh)
                 except curses.error as err:
+                    stats.quiet = False
                     log.warning("cannot drive the terminal full screen (%s): printing a table "
                                 "every %g s instead", err, interval)
                     _top_plain(stats, stop, out, interval, sort)

@@ -482,6 +482,14 @@ def test_top_in_tmux_three_pairs(broker, tmux, procs):
         live = next(x for x in colored.splitlines() if pid in x and "asic_result" in x)
         assert not re.search(r"\x1b\[[0-9;]*\b2m", live.split(pid)[0]), repr(live)
 
+    # the broker goes away: the title says so, and no log line scribbles over the screen
+    for gen in gens.values():
+        gen.stop()
+    broker.stop()
+    screen = tmux.wait_screen(lambda s: "(DISCONNECTED: disconnected from" in s,
+                              what="disconnected title")
+    assert "mqbtt top: " not in screen and len(rows(screen)) == 3
+
     tmux.keys("q")
     assert tmux.exit_status() == 0
     # the terminal is given back: the table is gone from the pane
@@ -543,11 +551,21 @@ def test_top_piped_prints_tables(broker, procs):
             break
     out = "".join(seen)
     assert "PAIR" in out and "bravo" not in out and "\x1b" not in out
+    assert "(connected)" in out
+    for gen in procs[-2:]:
+        gen.stop()
+    broker.stop()                                # the title says so; top keeps going
+    for text in p.stdout:
+        if text.startswith("mqbtt top ") and "(DISCONNECTED)" in text:
+            break
     t0 = time.monotonic()
     p.send_signal(signal.SIGINT)
     rest, err = p.communicate(timeout=10)
     assert p.returncode == 0 and time.monotonic() - t0 < 5
-    assert err == "" and "bravo" not in rest
+    assert "bravo" not in rest and "Traceback" not in err
+    # stderr: the connection events, one line each (stdout holds only tables)
+    assert err.startswith("mqbtt top: disconnected from mqtt://127.0.0.1:"), err
+    assert all(line.startswith("mqbtt top: ") for line in err.splitlines())
 
 
 @pytest.fixture
