@@ -3452,6 +3452,13 @@ def _restore_signals(old: dict):
         signal.signal(sig, h)
 
 
+def _isatty(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):    # no isatty, or a closed stream
+        return False
+
+
 def _full_screen_ok(out) -> bool:
     """Whether *out* is a terminal that curses can drive full screen."""
     try:
@@ -3483,7 +3490,7 @@ def run_top(broker_uri: str | None = None, pair_ids=None, *, interval: float = 1
         if not isinstance(value, (int, float)) or not 0 < value < float("inf"):
             raise ValueError(f"{name} must be a positive number of seconds, not {value!r}")
     out = out or sys.stdout
-    if full_screen is not False and out is sys.stdout:
+    if full_screen is not False and out is sys.stdout and _isatty(out):
         # curses would take an exported LINES/COLUMNS over the real size of
         # the window (and ignore resizes): the terminal knows better
         for name in ("LINES", "COLUMNS"):
@@ -3515,6 +3522,7 @@ def run_top(broker_uri: str | None = None, pair_ids=None, *, interval: float = 1
                 raise
         finally:
             stats.stop()
+            stats.quiet = False
     finally:
         _restore_signals(old)
     return 0
