@@ -66,6 +66,9 @@ __all__ = [
     "recorder_client_id", "dump", "format_dump", "replay", "request_reply_pairs",
     # distribution: zipapp, symlinks and upgrade
     "upgrade", "install_links", "link_names", "run_script", "running_zipapp", "UPGRADE_URL",
+    # fleet statistics: mqbtt top and mqbtt exporter
+    "FleetStats", "FleetPair", "run_top", "run_exporter", "format_fleet_table", "sort_fleet",
+    "parse_listen", "FLEET_SORT_KEYS", "RTT_BUCKETS", "DIFF_BUCKETS",
     "main",
 ]
 
@@ -3773,6 +3776,910 @@ def upgrade(target: str, url: str | None = None, check: bool = False,
 
 
 ###############################################################################
+# Fleet statistics: mqbtt top and mqbtt exporter ##############################
+###############################################################################
+
+#: Upper bounds (seconds) of the ``mqbtt_reply_round_trip_seconds`` histogram buckets.
+RTT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+               1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+#: Upper bounds of the ``mqbtt_share_difficulty`` histogram buckets (1 to 10¹³).
+DIFF_BUCKETS = tuple(float(10 ** k) for k in range(14))
+
+#: Subtopics in the order :class:`FleetStats` keeps their counters.
+_FLEET_SUBS = ("srv", "esp", "shr", "log")
+_FLEET_INDEX = {s: i for i, s in enumerate(_FLEET_SUBS)}
+_RATE_SLOTS = 60            # one-second slots: the "per minute" window
+_RTT_SAMPLES = 64           # round trips kept per pair for the p50
+_PENDING_IDS = 32           # unanswered request ids remembered per pair
+_LOG_KEEP = 300             # characters of the last log line kept per pair
+#: Pair ids longer than this (in characters) are ignored, not tracked: a
+#: topic may be 65535 bytes long, and a pair's memory must stay bounded.
+FLEET_MAX_PAIR_ID = 200
+
+
+def _fleet_text(text: str) -> str:
+    """*text* with every non-printable character (C0 and C1 controls, DEL,
+    line separators, bidi overrides and other format characters) replaced by
+    its Python escape (``\\x1b``), so that a miner's text cannot drive the
+    terminal.  (Private: to be replaced by the shared sanitiser of issue 12.)"""
+    if text.isprintable():
+        return text
+    out = []
+    for ch in text:
+        if ch.isprintable():
+            out.append(ch)
+        else:
+            o = ord(ch)
+            out.append(f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}")
+    return "".join(out)
+
+
+def _cells(text: str) -> int:
+    """The number of terminal cells *text* (printable) takes."""
+    if text.isascii():
+        return len(text)
+    import unicodedata
+    return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1
+               for c in text)
+
+
+def _fit(text: str, width: int, right: bool = False) -> str:
+    """*text* cut (with ``…``) or padded to exactly *width* terminal cells."""
+    if width <= 0:
+        return ""
+    n = _cells(text)
+    if n > width:
+        out, used = [], 0
+        for c in text:
+            w = _cells(c)
+            if used + w > width - 1:
+                break
+            out.append(c)
+            used += w
+        text, n = "".join(out) + "…", used + 1
+    pad = " " * (width - n)
+    return pad + text if right else text + pad
+
+
+class _PairState:
+    """What :class:`FleetStats` keeps about one pair (bounded: about 5 KB)."""
+    __slots__ = ("pair_id", "first_seen", "last_seen", "counts", "last_ts", "undecodable",
+                 "slot_sec", "slot_counts", "rtts", "rtt_n", "rtt_last", "rtt_hist", "rtt_sum",
+                 "diff_hist", "diff_sum", "best_diff", "pending_ids", "pending_order",
+                 "last_log", "last_log_ts")
+
+    def __init__(self, pair_id, ts):
+        from array import array
+        self.pair_id = pair_id
+        self.first_seen = self.last_seen = ts
+        self.counts = array("q", bytes(8 * 4))
+        self.last_ts = array("d", bytes(8 * 4))
+        self.undecodable = array("q", bytes(8 * 4))
+        self.slot_sec = array("q", [-1]) * _RATE_SLOTS
+        self.slot_counts = array("q", bytes(8 * 4 * _RATE_SLOTS))
+        self.rtts = array("d", bytes(8 * _RTT_SAMPLES))
+        self.rtt_n = 0
+        self.rtt_last = None
+        self.rtt_hist = array("q", bytes(8 * (len(RTT_BUCKETS) + 1)))
+        self.rtt_sum = 0.0
+        self.diff_hist = array("q", bytes(8 * (len(DIFF_BUCKETS) + 1)))
+        self.diff_sum = 0.0
+        self.best_diff = None
+        self.pending_ids = {}
+        self.pending_order = None
+        self.last_log = None
+        self.last_log_ts = None
+
+    def account(self, i, ts, message, ok):
+        from bisect import bisect_left
+        self.counts[i] += 1
+        self.last_ts[i] = ts
+        if ts > self.last_seen:
+            self.last_seen = ts
+        sec = int(ts)
+        slot = sec % _RATE_SLOTS
+        if self.slot_sec[slot] != sec:
+            self.slot_sec[slot] = sec
+            for k in range(4):
+                self.slot_counts[slot * 4 + k] = 0
+        self.slot_counts[slot * 4 + i] += 1
+        if not ok:
+            self.undecodable[i] += 1
+            return
+        if i == 0:      # srv: a request
+            rid = getattr(message, "request_id", 0)
+            if rid:
+                ids = self.pending_ids
+                ids.pop(rid, None)
+                ids[rid] = ts
+                if len(ids) > _PENDING_IDS:
+                    del ids[next(iter(ids))]
+            self.pending_order = ts
+        elif i == 1:    # esp: a reply, paired by request id, else with the latest request
+            rid = getattr(message, "request_id", 0)
+            sent = None
+            if rid:
+                sent = self.pending_ids.pop(rid, None)
+                if sent is not None and self.pending_order == sent:
+                    self.pending_order = None
+            elif self.pending_order is not None:
+                sent, self.pending_order = self.pending_order, None
+            if sent is not None:
+                rtt = max(0.0, ts - sent)
+                self.rtts[self.rtt_n % _RTT_SAMPLES] = rtt
+                self.rtt_n += 1
+                self.rtt_last = rtt
+                self.rtt_hist[bisect_left(RTT_BUCKETS, rtt)] += 1
+                self.rtt_sum += rtt
+        elif i == 2:    # shr: a share
+            import math
+            diff = message.diff
+            if math.isfinite(diff):
+                if self.best_diff is None or diff > self.best_diff:
+                    self.best_diff = diff
+                self.diff_hist[bisect_left(DIFF_BUCKETS, diff)] += 1
+                self.diff_sum += diff
+        else:           # log: a line of text
+            self.last_log = message[:_LOG_KEEP]
+            self.last_log_ts = ts
+
+    def in_window(self, now):
+        """Messages per subtopic in the last 60 one-second slots up to *now*."""
+        first = int(now) - _RATE_SLOTS + 1
+        out = [0, 0, 0, 0]
+        for slot in range(_RATE_SLOTS):
+            if first <= self.slot_sec[slot] <= first + _RATE_SLOTS - 1:
+                base = slot * 4
+                for k in range(4):
+                    out[k] += self.slot_counts[base + k]
+        return out
+
+
+def _cumulative(hist):
+    out, total = [], 0
+    for n in hist:
+        total += n
+        out.append(total)
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class FleetPair:
+    """A snapshot of one pair's statistics (see :meth:`FleetStats.pairs`).
+
+    :param pair_id: the pair id, as it appears in the topic.
+    :param first_seen: when its first message arrived (seconds since the epoch).
+    :param last_seen: when its latest message arrived.
+    :param age: seconds since ``last_seen``.
+    :param stale: whether ``age`` exceeds the statistics' ``stale_after``.
+    :param messages: messages received per subtopic (undecodable ones included).
+    :param undecodable: messages per subtopic whose payload did not decode.
+    :param last_message: arrival time of the latest message per subtopic (0 if none).
+    :param requests_per_min: ``srv`` messages per minute (see :class:`FleetStats`).
+    :param replies_per_min: ``esp`` messages per minute.
+    :param shares_per_min: ``shr`` messages per minute.
+    :param logs_per_min: ``log`` messages per minute.
+    :param rtt_p50: median round trip (seconds) of the latest 64 request → reply
+      exchanges, or None.
+    :param rtt_last: the latest round trip, or None.
+    :param rtt_count: round trips measured so far.
+    :param rtt_buckets: cumulative counts for :data:`RTT_BUCKETS` and +Inf.
+    :param rtt_sum: the sum of every round trip measured (seconds).
+    :param best_share_difficulty: the highest share difficulty seen, or None.
+    :param share_count: shares with a finite difficulty.
+    :param share_buckets: cumulative counts for :data:`DIFF_BUCKETS` and +Inf.
+    :param share_sum: the sum of those difficulties.
+    :param last_log: the latest log line, control characters neutralised, or None.
+    :param last_log_time: its arrival time, or None.
+    """
+    pair_id: str
+    first_seen: float
+    last_seen: float
+    age: float
+    stale: bool
+    messages: dict
+    undecodable: dict
+    last_message: dict
+    requests_per_min: float
+    replies_per_min: float
+    shares_per_min: float
+    logs_per_min: float
+    rtt_p50: float | None
+    rtt_last: float | None
+    rtt_count: int
+    rtt_buckets: tuple
+    rtt_sum: float
+    best_share_difficulty: float | None
+    share_count: int
+    share_buckets: tuple
+    share_sum: float
+    last_log: str | None
+    last_log_time: float | None
+
+
+class FleetStats:
+    """Live statistics of every pair on a broker, fed by one read-only
+    subscription: ``mqbtt top`` and ``mqbtt exporter`` are views of it.
+
+    ::
+
+        with FleetStats("mqtt://localhost") as fleet:     # connects and subscribes
+            time.sleep(10)
+            for p in fleet.pairs():
+                print(p.pair_id, p.requests_per_min, p.rtt_p50, p.best_share_difficulty)
+
+    :param broker_uri: the broker (default: ``$MQBTT_BROKER``, then the
+      documented host); only :meth:`start` connects.
+    :param pair_ids: watch only these pairs (default, or when it contains
+      ``+``: every pair, through one subscription to ``mqbtt/+/+``).
+    :param max_pairs: the most pairs tracked at once.  A message of another
+      pair when the table is full is dropped and counted (``dropped_messages``;
+      ``dropped_pairs`` counts the distinct pair ids dropped), unless the
+      pair seen least recently has been silent for *forget_after* seconds:
+      then that one is forgotten (``forgotten_pairs``) to make room.
+    :param stale_after: seconds of silence after which a pair is *stale*.
+    :param forget_after: see *max_pairs*.
+    :param client_id: default ``mqbtt-<role>-<12 random hex>``, in a clean
+      session, so it never takes over a pair's session.
+
+    The connection is a clean session at QoS 1 (receive times are those of
+    the PUBLISH packets), re-subscribed after every reconnect.  Rates are
+    "per minute": the messages of the last 60 s, divided by the time watched
+    within those 60 s (at least 10 s, so a burst just after the start does not
+    show as thousands per minute).  Round trips pair each reply with the
+    request of the same ``request_id`` when the reply carries one, else with
+    the latest unanswered request.  :meth:`feed` is thread-safe and may also
+    be called directly, e.g. with recorded traffic.
+    """
+
+    def __init__(self, broker_uri: str | None = None, pair_ids=None, *, max_pairs: int = 1000,
+                 stale_after: float = 60.0, forget_after: float = 3600.0,
+                 client_id: str | None = None, role: str = "fleet", keepalive: int = 60):
+        from collections import OrderedDict
+        if not isinstance(max_pairs, int) or isinstance(max_pairs, bool) or max_pairs < 1:
+            raise ValueError(f"max_pairs must be a positive integer, not {max_pairs!r}")
+        for name, value in (("stale_after", stale_after), ("forget_after", forget_after)):
+            if not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                raise ValueError(f"{name} must be a positive number of seconds, not {value!r}")
+        ids = None
+        if pair_ids is not None:
+            ids = [pair_ids] if isinstance(pair_ids, str) else list(pair_ids)
+            ids = None if "+" in ids or not ids else [check_pair_id(p) for p in ids]
+        self.pair_ids = None if ids is None else tuple(dict.fromkeys(ids))
+        self._filter = None if ids is None else frozenset(ids)
+        self.broker = BrokerURI.parse(broker_uri if broker_uri is not None else default_broker())
+        self.max_pairs = max_pairs
+        self.stale_after = float(stale_after)
+        self.forget_after = float(forget_after)
+        self.client_id = client_id or f"mqbtt-{role}-{os.urandom(6).hex()}"
+        self.keepalive = keepalive
+        self._lock = threading.Lock()
+        self._pairs = OrderedDict()          # least recently seen first
+        self._dropped_ids = OrderedDict()    # recently dropped pair ids (at most max_pairs)
+        self._t0 = time.time()
+        #: messages of pairs not tracked because the table was full
+        self.dropped_messages = 0
+        #: distinct pair ids not tracked because the table was full (a pair id
+        #: is counted again only if more than ``max_pairs`` others were dropped since)
+        self.dropped_pairs = 0
+        #: pairs forgotten after ``forget_after`` seconds of silence to make room
+        self.forgotten_pairs = 0
+        #: messages on topics that are not ``mqbtt/<pair id>/<subtopic>``
+        #: (empty or over-long pair id, unknown subtopic)
+        self.ignored_messages = 0
+        #: the latest connection event (disconnected, reconnected, refused), or None
+        self.last_event = None
+        #: when true, connection events are only kept in :attr:`last_event`
+        #: (``mqbtt top`` sets it while curses owns the terminal)
+        self.quiet = False
+        self._conn = None
+
+    # -- feeding ---------------------------------------------------------------
+
+    def feed(self, pair_id: str, subtopic: str, payload: bytes, ts: float | None = None) -> bool:
+        """Account one message of *pair_id* on *subtopic* received at *ts*
+        (seconds since the epoch, default now).  Returns whether the pair is
+        tracked (False: ignored, filtered out or dropped)."""
+        i = _FLEET_INDEX.get(subtopic)
+        if i is None or not pair_id or len(pair_id) > FLEET_MAX_PAIR_ID:
+            with self._lock:
+                self.ignored_messages += 1
+            return False
+        if self._filter is not None and pair_id not in self._filter:
+            return False
+        if ts is None:
+            ts = time.time()
+        try:
+            message, ok = DECODERS[subtopic](payload), True
+        except Exception:   # MQbtTDecodeError, or a payload that is not bytes
+            message, ok = None, False
+        return self._account(pair_id, i, ts, message, ok)
+
+    def _account(self, pair_id, i, ts, message, ok):
+        with self._lock:
+            p = self._pairs.get(pair_id)
+            if p is None:
+                p = self._admit(pair_id, ts)
+                if p is None:
+                    return False
+            else:
+                self._pairs.move_to_end(pair_id)
+            p.account(i, ts, message, ok)
+            return True
+
+    def _admit(self, pair_id, ts):
+        """A new state for *pair_id*, or None when the table is full (lock held)."""
+        pairs = self._pairs
+        if len(pairs) >= self.max_pairs:
+            oldest = next(iter(pairs.values()))
+            if ts - oldest.last_seen > self.forget_after:
+                del pairs[oldest.pair_id]
+                self.forgotten_pairs += 1
+            else:
+                self.dropped_messages += 1
+                dropped = self._dropped_ids
+                if pair_id in dropped:
+                    dropped.move_to_end(pair_id)
+                else:
+                    self.dropped_pairs += 1
+                    dropped[pair_id] = None
+                    if len(dropped) > self.max_pairs:
+                        dropped.popitem(last=False)
+                return None
+        self._dropped_ids.pop(pair_id, None)
+        if ts < self._t0:
+            self._t0 = ts
+        p = pairs[pair_id] = _PairState(pair_id, ts)
+        return p
+
+    def _on_message(self, client, userdata, msg):
+        try:
+            where = msg.topic.split("/")
+        except (UnicodeDecodeError, AttributeError):
+            where = ()
+        if len(where) != 3 or where[0] != "mqbtt":
+            with self._lock:
+                self.ignored_messages += 1
+            return
+        self.feed(where[1], where[2], msg.payload)
+
+    # -- connection ------------------------------------------------------------
+
+    @property
+    def subscriptions(self) -> list:
+        """The topic filters subscribed to (at QoS 1)."""
+        if self.pair_ids is None:
+            return [("mqbtt/+/+", 1)]
+        return [(topic(p, "+"), 1) for p in self.pair_ids]
+
+    def start(self, connect_timeout: float = 10.0) -> "FleetStats":
+        """Connect and subscribe.
+
+        :raises MQbtTConnectionError: when the broker cannot be reached or
+          refuses the connection within *connect_timeout* seconds.
+        :raises MQbtTSubscribeError: when it refuses the subscription."""
+        if self._conn is not None and not self._conn.stopping:
+            return self                      # already started (a stopped one reconnects)
+        self._t0 = time.time()
+        conn = _Connection(self.broker, self.client_id, True, self.subscriptions,
+                           self._on_message, self.keepalive, self._notify, on_fatal=self._fatal)
+        self._conn = conn
+        try:
+            conn.start(connect_timeout)
+        except BaseException:
+            self._conn = None
+            raise
+        return self
+
+    def _notify(self, text):
+        self.last_event = text
+        if not self.quiet:
+            log.info("%s", text)
+
+    def _fatal(self, err):
+        self.last_event = str(err)
+        if not self.quiet:
+            log.error("%s", err)
+
+    @property
+    def connected(self) -> bool:
+        """Whether the connection to the broker is up right now."""
+        return self._conn is not None and self._conn.connected and not self._conn.stopping
+
+    def stop(self):
+        """Disconnect (idempotent); the statistics stay readable."""
+        conn = self._conn
+        if conn is not None and not conn.stopping:
+            conn.stop()
+
+    close = stop
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    # -- reading ---------------------------------------------------------------
+
+    def __len__(self):
+        return len(self._pairs)
+
+    def pairs(self, now: float | None = None) -> list:
+        """A snapshot of every tracked pair, as :class:`FleetPair` objects
+        ordered by pair id, at *now* (seconds since the epoch, default now)."""
+        if now is None:
+            now = time.time()
+        with self._lock:
+            states = list(self._pairs.values())
+            span = min(max(now - self._t0, 10.0), float(_RATE_SLOTS))
+            out = [self._snapshot(p, now, span) for p in states]
+        out.sort(key=lambda s: s.pair_id)
+        return out
+
+    def _snapshot(self, p, now, span):
+        window = p.in_window(now)
+        per_min = [n * 60.0 / span for n in window]
+        n = min(p.rtt_n, _RTT_SAMPLES)
+        p50 = sorted(p.rtts[:n])[(n - 1) // 2] if n else None
+        age = max(0.0, now - p.last_seen)
+        return FleetPair(
+            pair_id=p.pair_id, first_seen=p.first_seen, last_seen=p.last_seen, age=age,
+            stale=age > self.stale_after,
+            messages=dict(zip(_FLEET_SUBS, p.counts)),
+            undecodable=dict(zip(_FLEET_SUBS, p.undecodable)),
+            last_message=dict(zip(_FLEET_SUBS, p.last_ts)),
+            requests_per_min=per_min[0], replies_per_min=per_min[1],
+            shares_per_min=per_min[2], logs_per_min=per_min[3],
+            rtt_p50=p50, rtt_last=p.rtt_last, rtt_count=p.rtt_n,
+            rtt_buckets=_cumulative(p.rtt_hist), rtt_sum=p.rtt_sum,
+            best_share_difficulty=p.best_diff, share_count=sum(p.diff_hist),
+            share_buckets=_cumulative(p.diff_hist), share_sum=p.diff_sum,
+            last_log=None if p.last_log is None else _fleet_text(p.last_log),
+            last_log_time=p.last_log_ts)
+
+    def __repr__(self):
+        return (f"<FleetStats {self.broker} pairs={len(self._pairs)}/{self.max_pairs} "
+                f"dropped={self.dropped_pairs} connected={self.connected}>")
+
+
+# ---- the table shown by mqbtt top ----------------------------------------------
+
+#: ``mqbtt top`` sort keys: key -> (column, sort key, descending by default)
+FLEET_SORT_KEYS = {
+    "p": ("pair", lambda p: p.pair_id, False),
+    "r": ("req/m", lambda p: p.requests_per_min, True),
+    "e": ("rep/m", lambda p: p.replies_per_min, True),
+    "t": ("rtt p50", lambda p: p.rtt_p50, True),
+    "s": ("shr/m", lambda p: p.shares_per_min, True),
+    "d": ("best diff", lambda p: p.best_share_difficulty, True),
+    "l": ("log/m", lambda p: p.logs_per_min, True),
+    "a": ("seen", lambda p: p.age, False),
+}
+
+
+def sort_fleet(pairs: list, key: str = "p", reverse: bool = False) -> list:
+    """*pairs* (:class:`FleetPair`) sorted by the ``mqbtt top`` sort *key*
+    (see :data:`FLEET_SORT_KEYS`), in its default direction unless *reverse*;
+    pairs without a value (no round trip, no share) come last, ties by pair id."""
+    if key not in FLEET_SORT_KEYS:
+        raise ValueError(f"unknown sort key {key!r} (expected one of {', '.join(FLEET_SORT_KEYS)})")
+    _, get, desc = FLEET_SORT_KEYS[key]
+    if reverse:
+        desc = not desc
+    have = [p for p in pairs if get(p) is not None]
+    missing = [p for p in pairs if get(p) is None]
+    have.sort(key=lambda p: p.pair_id)
+    have.sort(key=get, reverse=desc)
+    return have + sorted(missing, key=lambda p: p.pair_id)
+
+
+def _rate(value: float) -> str:
+    return f"{value:.1f}" if value < 9.95 else f"{value:.0f}"
+
+
+def _duration(seconds) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 0.0995:
+        return f"{seconds * 1000:.1f}ms"
+    if seconds < 0.9995:
+        return f"{seconds * 1000:.0f}ms"
+    return f"{seconds:.2f}s" if seconds < 9.995 else f"{seconds:.0f}s"
+
+
+def _difficulty(value) -> str:
+    if value is None:
+        return "-"
+    for unit, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.2f}{unit}"
+    return f"{value:.2f}" if value != int(value) else f"{value:.0f}"
+
+
+def _age(seconds: float) -> str:
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+#: the columns of ``mqbtt top``: title, width, right-aligned
+_TOP_COLUMNS = (("REQ/m", 6), ("REP/m", 6), ("RTT p50", 8), ("RTT last", 8), ("SHR/m", 6),
+                ("BEST DIFF", 9), ("LOG/m", 6), ("SEEN", 10))
+
+
+def format_fleet_table(pairs: list, width: int | None = None) -> list:
+    """The ``mqbtt top`` table of *pairs* (:class:`FleetPair`, in display
+    order): a list of ``(line, stale)``, the column titles first.  Each line
+    is *width* terminal cells wide (the last log line is cut to fit), or as
+    long as needed when *width* is None.  Pair ids and log lines are shown
+    with control characters neutralised."""
+    ids = [_fleet_text(p.pair_id) for p in pairs]
+    pw = min(max([4] + [_cells(i) for i in ids]), 24)
+    head = _fit("PAIR", pw) + "".join(" " + _fit(t, w, right=t != "SEEN") for t, w in _TOP_COLUMNS)
+    head += "  LAST LOG"
+    rows = [(head, False)]
+    fixed = _cells(head) - len("LAST LOG")
+    for p, pid in zip(pairs, ids):
+        cells = (_rate(p.requests_per_min), _rate(p.replies_per_min), _duration(p.rtt_p50),
+                 _duration(p.rtt_last), _rate(p.shares_per_min),
+                 _difficulty(p.best_share_difficulty), _rate(p.logs_per_min),
+                 _age(p.age) + (" stale" if p.stale else ""))
+        line = _fit(pid, pw) + "".join(" " + _fit(c, w, right=t != "SEEN")
+                                       for c, (t, w) in zip(cells, _TOP_COLUMNS))
+        line += "  "
+        logtext = p.last_log or ""
+        if width is None:
+            line += logtext
+        else:
+            line += _fit(logtext, max(0, width - fixed))
+        rows.append((line.rstrip() if width is None else line, p.stale))
+    if width is not None:
+        rows[0] = (_fit(head, width), False)
+        rows = [(_fit(line, width), stale) for line, stale in rows]
+    return rows
+
+
+def _fleet_title(stats: FleetStats, n: int, now: float) -> str:
+    import datetime
+    when = datetime.datetime.fromtimestamp(now).astimezone().strftime("%Y-%m-%d %H:%M:%S%z")
+    state = "connected" if stats.connected else "DISCONNECTED"
+    if not stats.connected and stats.quiet and stats.last_event:
+        state += ": " + _fleet_text(stats.last_event)
+    extra = f", {stats.dropped_pairs} dropped (more than {stats.max_pairs})" if stats.dropped_pairs else ""
+    return f"mqbtt top  {when}  {stats.broker} ({state})  {n} pair{'s' * (n != 1)}{extra}"
+
+
+def _stop_signals(stop: threading.Event):
+    """Make SIGINT and SIGTERM set *stop* and interrupt the main thread (so
+    that no wait, even one with a timeout, outlives them); returns the old
+    handlers, or {} outside the main thread."""
+    import signal
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def handler(signum, frame):
+        stop.set()
+        raise KeyboardInterrupt
+
+    old = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        old[sig] = signal.signal(sig, handler)
+    return old
+
+
+def _restore_signals(old: dict):
+    import signal
+    for sig, h in old.items():
+        signal.signal(sig, h)
+
+
+def _isatty(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):    # no isatty, or a closed stream
+        return False
+
+
+def _full_screen_ok(out) -> bool:
+    """Whether *out* is a terminal that curses can drive full screen."""
+    try:
+        if out is not sys.stdout or not out.isatty() or not sys.stdin.isatty():
+            return False
+        import curses
+        curses.setupterm(fd=out.fileno())     # raises curses.error for an unknown TERM
+        return bool(curses.tigetstr("cup")) and bool(curses.tigetstr("clear"))
+    except Exception:   # no curses module (Windows), unknown terminal, closed stream
+        return False
+
+
+def run_top(broker_uri: str | None = None, pair_ids=None, *, interval: float = 10.0,
+            stale: float = 60.0, refresh: float = 1.0, max_pairs: int = 1000, sort: str = "p",
+            out=None, full_screen: bool | None = None, connect_timeout: float = 10.0,
+            stop: threading.Event | None = None, ready=None) -> int:
+    """Show every pair's traffic (see :class:`FleetStats`) until ``q``,
+    SIGINT or SIGTERM (or *stop* is set); returns 0.
+
+    On a terminal that curses can drive, a full-screen table refreshed every
+    *refresh* seconds, one row per pair; single keys change the sort
+    (:data:`FLEET_SORT_KEYS`, the same key again reverses it) and ``q``
+    quits.  Pairs silent for more than *stale* seconds are dimmed and marked
+    ``stale``.  Otherwise (*out* not a terminal, ``TERM=dumb``…), one table
+    every *interval* seconds.  *ready* is called once subscribed."""
+    if sort not in FLEET_SORT_KEYS:
+        raise ValueError(f"unknown sort key {sort!r} (expected one of {', '.join(FLEET_SORT_KEYS)})")
+    for name, value in (("interval", interval), ("refresh", refresh)):
+        if not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+            raise ValueError(f"{name} must be a positive number of seconds, not {value!r}")
+    out = out or sys.stdout
+    if full_screen is not False and out is sys.stdout and _isatty(out):
+        # curses would take an exported LINES/COLUMNS over the real size of
+        # the window (and ignore resizes): the terminal knows better
+        for name in ("LINES", "COLUMNS"):
+            os.environ.pop(name, None)
+    stats = FleetStats(broker_uri, pair_ids, max_pairs=max_pairs, stale_after=stale, role="top")
+    stop = stop or threading.Event()
+    old = _stop_signals(stop)
+    try:
+        try:
+            stats.start(connect_timeout)
+            if ready is not None:
+                ready(stats)
+            if full_screen is None:
+                full_screen = _full_screen_ok(out)
+            if full_screen:
+                import curses
+                stats.quiet = True      # log lines would scribble over the screen
+                try:
+                    curses.wrapper(_top_screen, stats, stop, sort, refresh)
+                except curses.error as err:
+                    stats.quiet = False
+                    log.warning("cannot drive the terminal full screen (%s): printing a table "
+                                "every %g s instead", err, interval)
+                    _top_plain(stats, stop, out, interval, sort)
+            else:
+                _top_plain(stats, stop, out, interval, sort)
+        except KeyboardInterrupt:
+            if not stop.is_set():
+                raise
+        finally:
+            stats.stop()
+            stats.quiet = False
+    finally:
+        _restore_signals(old)
+    return 0
+
+
+def _top_plain(stats, stop, out, interval, sort):
+    next_at = time.monotonic() + interval
+    while not stop.is_set():
+        left = next_at - time.monotonic()
+        if left > 0:
+            time.sleep(min(left, 0.2))
+            continue
+        next_at += interval
+        now = time.time()
+        pairs = sort_fleet(stats.pairs(now), sort)
+        lines = [_fleet_title(stats, len(pairs), now)] + [line for line, _ in format_fleet_table(pairs)]
+        print("\n".join(lines) + "\n", file=out, flush=True)
+
+
+def _top_screen(stdscr, stats, stop, sort, refresh):
+    import curses
+    try:
+        curses.curs_set(0)
+    except curses.error:
+        pass
+    stdscr.timeout(100)
+    dim = curses.A_DIM if curses.tigetstr("dim") else curses.A_NORMAL
+    reverse = False
+    next_draw = 0.0
+    while not stop.is_set():
+        if time.monotonic() >= next_draw:
+            next_draw = time.monotonic() + refresh
+            _top_draw(stdscr, stats, sort, reverse, dim)
+        ch = stdscr.getch()
+        if ch == -1:
+            continue
+        if ch in (ord("q"), ord("Q")):
+            break
+        if ch == curses.KEY_RESIZE:
+            next_draw = 0.0
+            continue
+        key = chr(ch).lower() if 0 < ch < 128 else None
+        if key in FLEET_SORT_KEYS:
+            reverse = not reverse if key == sort else False
+            sort = key
+            next_draw = 0.0
+
+
+def _top_draw(stdscr, stats, sort, reverse, dim):
+    import curses
+    height, width = stdscr.getmaxyx()
+    now = time.time()
+    pairs = sort_fleet(stats.pairs(now), sort, reverse)
+    table = format_fleet_table(pairs, width)
+    column = FLEET_SORT_KEYS[sort][0]
+    keys = "  ".join(f"{k} {c}" for k, (c, _, _) in FLEET_SORT_KEYS.items())
+    footer = f"sort: {column}{' (reversed)' if reverse else ''}   keys: {keys}   q quit"
+    lines = [(_fit(_fleet_title(stats, len(pairs), now), width), curses.A_BOLD),
+             (table[0][0], curses.A_REVERSE)]
+    body = height - 3
+    lines += [(line, dim if stale else curses.A_NORMAL) for line, stale in table[1:1 + max(0, body)]]
+    if len(table) - 1 > body > 0:
+        lines[-1] = (_fit(f"… {len(table) - body} more pairs (make the window taller)", width),
+                     curses.A_BOLD)
+    stdscr.erase()
+    for y, (text, attr) in enumerate(lines[:height - 1]):
+        try:
+            stdscr.addstr(y, 0, text, attr)
+        except curses.error:    # writing the last cell of a line moves the cursor out
+            pass
+    try:
+        stdscr.addstr(height - 1, 0, _fit(footer, width - 1), curses.A_DIM | curses.A_BOLD)
+    except curses.error:
+        pass
+    stdscr.noutrefresh()
+    curses.doupdate()
+
+
+# ---- the Prometheus exporter ---------------------------------------------------
+
+def _prometheus():
+    """prometheus_client, or MQbtTError naming the pip command."""
+    try:
+        import prometheus_client
+        from prometheus_client import core  # noqa: F401
+    except ImportError:
+        raise MQbtTError("the exporter needs prometheus_client: pip install prometheus_client") from None
+    return prometheus_client
+
+
+def parse_listen(text: str) -> tuple:
+    """``(host, port)`` of ``HOST:PORT``, ``[IPV6]:PORT`` or ``:PORT`` (every
+    interface); port 0 picks a free port.  Raises ValueError otherwise."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError("invalid listen address: empty (expected HOST:PORT)")
+    t = text.strip()
+    host, sep, port = t.rpartition(":")
+    if not sep:
+        raise ValueError(f"invalid listen address {text!r}: expected HOST:PORT")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        if not host:
+            raise ValueError(f"invalid listen address {text!r}: empty IPv6 address")
+    elif ":" in host or "[" in host or "]" in host:
+        raise ValueError(f"invalid listen address {text!r}: write an IPv6 address as [ADDRESS]:PORT")
+    if not port.isdigit() or not port.isascii() or int(port) > 65535:
+        raise ValueError(f"invalid listen address {text!r}: the port must be a number 0-65535")
+    if any(c.isspace() or c in "/?#@" for c in host):
+        raise ValueError(f"invalid listen address {text!r}: invalid host")
+    return host or "0.0.0.0", int(port)
+
+
+class _FleetCollector:
+    """A prometheus_client collector reading a :class:`FleetStats` at every scrape."""
+
+    def __init__(self, stats: FleetStats):
+        self.stats = stats
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
+                                            HistogramMetricFamily)
+        from prometheus_client.utils import floatToGoString
+        s = self.stats
+        pairs = s.pairs()
+        msgs = CounterMetricFamily("mqbtt_messages", "Messages received per pair and subtopic "
+                                   "(undecodable ones included).", labels=["pair_id", "subtopic"])
+        last = GaugeMetricFamily("mqbtt_last_message_timestamp_seconds", "When the latest message "
+                                 "of a pair and subtopic arrived (Unix time).",
+                                 labels=["pair_id", "subtopic"])
+        bad = CounterMetricFamily("mqbtt_undecodable_messages", "Messages whose payload did not "
+                                  "decode, per pair and subtopic.", labels=["pair_id", "subtopic"])
+        rtt = HistogramMetricFamily("mqbtt_reply_round_trip_seconds", "Time from a request to its "
+                                    "reply (paired by request id, else by order).", labels=["pair_id"])
+        diff = HistogramMetricFamily("mqbtt_share_difficulty", "Difficulty of the shares "
+                                     "received.", labels=["pair_id"])
+        best = GaugeMetricFamily("mqbtt_best_share_difficulty", "The highest share difficulty "
+                                 "seen per pair since the exporter started.", labels=["pair_id"])
+        rtt_le = [floatToGoString(b) for b in RTT_BUCKETS] + ["+Inf"]
+        diff_le = [floatToGoString(b) for b in DIFF_BUCKETS] + ["+Inf"]
+        for p in pairs:
+            for sub in _FLEET_SUBS:
+                if p.messages[sub]:
+                    labels = [p.pair_id, sub]
+                    msgs.add_metric(labels, p.messages[sub])
+                    last.add_metric(labels, p.last_message[sub])
+                    bad.add_metric(labels, p.undecodable[sub])
+            if p.messages["srv"] or p.messages["esp"]:
+                rtt.add_metric([p.pair_id], list(zip(rtt_le, p.rtt_buckets)), p.rtt_sum)
+            if p.messages["shr"]:
+                diff.add_metric([p.pair_id], list(zip(diff_le, p.share_buckets)), p.share_sum)
+            if p.best_share_difficulty is not None:
+                best.add_metric([p.pair_id], p.best_share_difficulty)
+        yield from (msgs, last, bad, rtt, diff, best)
+        yield GaugeMetricFamily("mqbtt_broker_connected", "1 while the exporter is connected "
+                                "to the broker, else 0.", value=1 if s.connected else 0)
+        yield GaugeMetricFamily("mqbtt_pairs", "Pairs tracked now.", value=len(pairs))
+        yield GaugeMetricFamily("mqbtt_pairs_max", "The most pairs tracked at once "
+                                "(--max-pairs).", value=s.max_pairs)
+        yield CounterMetricFamily("mqbtt_dropped_pairs", "Pair ids not tracked because "
+                                  "mqbtt_pairs_max pairs were.", value=s.dropped_pairs)
+        yield CounterMetricFamily("mqbtt_dropped_messages", "Messages of pairs not tracked "
+                                  "because mqbtt_pairs_max pairs were.", value=s.dropped_messages)
+        yield CounterMetricFamily("mqbtt_forgotten_pairs", "Pairs forgotten after a long "
+                                  "silence to make room for new ones.", value=s.forgotten_pairs)
+        yield CounterMetricFamily("mqbtt_ignored_messages", "Messages on topics that are not "
+                                  "mqbtt/<pair id>/<subtopic>.", value=s.ignored_messages)
+
+
+def run_exporter(broker_uri: str | None = None, listen: str = "127.0.0.1:9108", pair_ids=None, *,
+                 max_pairs: int = 1000, forget_after: float = 3600.0,
+                 connect_timeout: float = 10.0, stop: threading.Event | None = None,
+                 ready=None) -> int:
+    """Serve every pair's statistics (see :class:`FleetStats`) in the
+    Prometheus text format at ``http://<listen>/metrics`` until SIGINT or
+    SIGTERM (or *stop* is set); returns 0.
+
+    The metrics are computed from the statistics at each scrape (a
+    prometheus_client collector), so memory is bounded by *max_pairs*.
+    *ready*, if given, is called with ``(stats, host, port)`` once serving.
+
+    :raises MQbtTError: without prometheus_client (naming the pip command),
+      when the broker cannot be reached (:exc:`MQbtTConnectionError`) or
+      when *listen* cannot be bound.
+    :raises ValueError: for a bad *listen* address."""
+    host, port = parse_listen(listen)
+    prom = _prometheus()
+    from prometheus_client import CollectorRegistry, ProcessCollector
+    stats = FleetStats(broker_uri, pair_ids, max_pairs=max_pairs, forget_after=forget_after,
+                       role="exporter")
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_FleetCollector(stats))
+    ProcessCollector(registry=registry)
+    stop = stop or threading.Event()
+    old = _stop_signals(stop)
+    server = None
+    try:
+        try:
+            stats.start(connect_timeout)
+            try:
+                started = prom.start_http_server(port, addr=host, registry=registry)
+            except OSError as err:
+                raise MQbtTError(f"cannot listen on {listen}: {err.strerror or err}") from None
+            server = started[0] if isinstance(started, tuple) else None
+            if ready is not None:
+                bound = server.server_address[:2] if server is not None else (host, port)
+                ready(stats, *bound)
+            while not stop.is_set():
+                time.sleep(0.2)
+        except KeyboardInterrupt:
+            if not stop.is_set():
+                raise
+        finally:
+            closer = None
+            if server is not None:   # serve_forever notices within its 0.5 s poll: meanwhile disconnect
+                closer = threading.Thread(target=server.shutdown, daemon=True)
+                closer.start()
+            stats.stop()
+            if closer is not None:
+                closer.join()
+                server.server_close()
+    finally:
+        _restore_signals(old)
+    return 0
+
+
+###############################################################################
 # Command line ################################################################
 ###############################################################################
 
@@ -3787,6 +4694,8 @@ COMMANDS = {
     "wslog": "store the AxeOS websocket log stream in a file",
     "install-links": "create the mqbtt_* command symlinks in a directory",
     "run": "run a script (e.g. an optimizer) with mqbtt and its dependencies importable",
+    "top": "live full-screen table of every pair's traffic",
+    "exporter": "serve every pair's traffic statistics to Prometheus",
 }
 
 
@@ -4025,6 +4934,88 @@ def _cmd_run(argv):
     return 0
 
 
+def _fleet_pid_arg(text):
+    """argparse type: a pair id, or ``+`` for every pair."""
+    return text if text == "+" else _pid_arg(text)
+
+
+def _count_arg(text):
+    """argparse type: a positive integer."""
+    import argparse
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _add_fleet_args(p):
+    _add_broker(p)
+    p.add_argument("--pid", metavar="ID", nargs="+", action="extend", type=_fleet_pid_arg,
+                   help="watch only these pairs (repeatable; default or +: every pair)")
+    p.add_argument("--max-pairs", metavar="N", type=_count_arg, default=1000,
+                   help="track at most N pairs; the others are dropped and counted (default 1000)")
+
+
+def _cmd_top(argv):
+    p = _parser("top")
+    _add_fleet_args(p)
+    p.add_argument("--stale", metavar="SECONDS", type=_seconds, default=60.0,
+                   help="dim the pairs silent for longer than this (default 60)")
+    p.add_argument("--interval", metavar="SECONDS", type=_seconds, default=10.0,
+                   help="when not on a full-screen terminal: print a table every SECONDS "
+                        "(default 10)")
+    p.add_argument("--sort", choices=list(FLEET_SORT_KEYS), default="p",
+                   help="initial sort key: " + ", ".join(
+                       f"{k} {c}" for k, (c, _, _) in FLEET_SORT_KEYS.items()) + " (default p)")
+    a = p.parse_args(argv)
+
+    def ready(stats):
+        if not _full_screen_ok(sys.stdout):
+            print(f"mqbtt top: watching {', '.join(t for t, _ in stats.subscriptions)} on "
+                  f"{stats.broker}, a table every {a.interval:g} s (Ctrl-C to stop)",
+                  file=sys.stderr, flush=True)
+
+    run_top(a.broker, a.pid, interval=a.interval, stale=a.stale, max_pairs=a.max_pairs,
+            sort=a.sort, ready=ready)
+    return 0
+
+
+def _listen_arg(text):
+    """argparse type: HOST:PORT."""
+    import argparse
+    try:
+        parse_listen(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
+def _cmd_exporter(argv):
+    p = _parser("exporter")
+    _add_fleet_args(p)
+    p.add_argument("--listen", metavar="HOST:PORT", type=_listen_arg, default="127.0.0.1:9108",
+                   help="where to serve /metrics (default 127.0.0.1:9108; :PORT for every "
+                        "interface, port 0 for a free one)")
+    p.add_argument("--forget", metavar="SECONDS", type=_seconds, default=3600.0,
+                   help="when --max-pairs pairs are tracked, forget a pair silent for longer "
+                        "than this to make room for a new one (default 3600)")
+    a = p.parse_args(argv)
+    _prometheus()   # before connecting: one line naming the pip command
+
+    def ready(stats, host, port):
+        shown = f"[{host}]" if ":" in host else host
+        print(f"mqbtt exporter: serving http://{shown}:{port}/metrics for "
+              f"{', '.join(t for t, _ in stats.subscriptions)} on {stats.broker} "
+              "(Ctrl-C to stop)", file=sys.stderr, flush=True)
+
+    run_exporter(a.broker, a.listen, a.pid, max_pairs=a.max_pairs, forget_after=a.forget,
+                 ready=ready)
+    return 0
+
+
 def _not_yet(cmd):
     def run(argv):
         p = _parser(cmd)
@@ -4043,6 +5034,8 @@ _HANDLERS = {
     "run": _cmd_run,
     "restart": _cmd_restart,
     "wslog": _cmd_wslog,
+    "top": _cmd_top,
+    "exporter": _cmd_exporter,
 }
 
 
