@@ -148,4 +148,6 @@ def test_without_the_option_nothing_is_set(stock, monkeypatch):
         _exchange(opt, miner, 1)
         miner.send_share(Share(nonce=1))
         assert opt.receive_share(timeout=30) == Share(nonce=1)
-    mqbtt._quickack(opt._client)               # no socket any more: harmless
+    monkeypatch.undo()
+    mqbtt._quickack(opt._client)               # with the option but no socket any more: harmless
+    assert opt._client.socket() is None
