@@ -4022,6 +4022,9 @@ class FleetStats:
     :param forget_after: see *max_pairs*.
     :param client_id: default ``mqbtt-<role>-<12 random hex>``, in a clean
       session, so it never takes over a pair's session.
+    :param role: the middle of the default client id (``fleet``; ``top`` and
+      ``exporter`` for the commands).
+    :param keepalive: the MQTT keepalive, in seconds.
 
     The connection is a clean session at QoS 1 (receive times are those of
     the PUBLISH packets), re-subscribed after every reconnect.  Rates are
