@@ -26,7 +26,6 @@ import os
 import random
 import re
 import shutil
-import socket
 import stat
 import string
 import subprocess
@@ -44,7 +43,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 import mqbtt  # noqa: E402
 from local_broker import LocalBroker, free_port  # noqa: E402
-from test_services import FakeO2, FakeWS, HOLD, system_info, wait_for  # noqa: E402
+from test_services import FakeWS, HOLD, system_info, wait_for  # noqa: E402
 
 PY = sys.executable
 SECRET = "Zx9-S3cretPass-q7"
