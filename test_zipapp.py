@@ -156,7 +156,7 @@ class TestDispatch:
     def test_each_command_has_help_and_version(self, dist, cmd):
         result = run([sys.executable, dist.pyz, cmd, "--help"], env=dist.env)
         assert result.returncode == 0, result.stderr
-        assert result.stdout.startswith(f"usage: mqbtt_{cmd} ")
+        assert result.stdout.startswith(f"usage: {dist.pyz} {cmd} ")  # as typed
         result = run([sys.executable, dist.pyz, cmd, "--version"], env=dist.env)
         assert (result.returncode, result.stdout) == (0, f"mqbtt {mqbtt.__version__}\n")
 
