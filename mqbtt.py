@@ -74,6 +74,7 @@ __all__ = [
     "recorder_client_id", "dump", "format_dump", "replay", "request_reply_pairs",
     # distribution: zipapp, symlinks and upgrade
     "upgrade", "install_links", "link_names", "run_script", "running_zipapp", "UPGRADE_URL",
+    "pip_scripts",
     "main",
 ]
 

@@ -309,10 +309,14 @@ def pip_venv(tmp_path_factory):
     for name in ("mqbtt.py", "mqbt.py", "pyproject.toml", "requirements.txt", "README.md"):
         shutil.copy(os.path.join(ROOT, name), src)
     venv = d / "venv"
-    r = run([PY, "-m", "venv", str(venv)])
+    r = run([PY, "-m", "venv", "--without-pip", str(venv)])
     assert r.returncode == 0, r.stderr
-    r = run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps",
-             str(src)], timeout=300)
+    r = run([PY, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(d / "wheel"), str(src)],
+            timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    wheel = glob.glob(str(d / "wheel" / "mqbtt-*.whl"))
+    r = run([PY, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "-q",
+             "--no-deps", *wheel], timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     return venv
 
