@@ -604,8 +604,16 @@ def _redact(uri: str) -> str:
 
 
 def default_broker() -> str:
-    """``$MQBTT_BROKER`` if set, else :data:`DEFAULT_BROKER`."""
-    return os.environ.get("MQBTT_BROKER") or DEFAULT_BROKER
+    """``$MQBTT_BROKER`` if set, else :data:`DEFAULT_BROKER`.
+
+    :raises ValueError: naming ``$MQBTT_BROKER`` if its value is not a valid broker URI"""
+    env = os.environ.get("MQBTT_BROKER")
+    if env:
+        try:
+            BrokerURI.parse(env)
+        except ValueError as err:
+            raise ValueError(f"$MQBTT_BROKER: {err}") from None
+    return env or DEFAULT_BROKER
 
 
 def _host_tag() -> str:

@@ -352,6 +352,18 @@ def test_invalid_env_broker_is_named(tmp_path, value, argv):
     assert not (tmp_path / "x.db").exists()
 
 
+@pytest.mark.parametrize("example", ["optimizer.py", "logger.py"])
+def test_invalid_env_broker_in_examples_and_library(example):
+    env = dict(os.environ, MQBTT_BROKER="mqtt://u:s3cr3t@host:0")
+    r = run([PY, os.path.join(ROOT, "examples", example), "p"], env=env)
+    assert r.returncode == 1 and "s3cr3t" not in r.stderr
+    assert one_line(r.stderr) == (f"{example[:-3]}: $MQBTT_BROKER: invalid broker URI "
+                                  "'mqtt://u:***@host:0': port out of range 1-65535")
+    r = run([PY, "-c", "import mqbtt\ntry:\n    mqbtt.MQbtTMiner(None, 'p')\n"
+             "except ValueError as e:\n    print(e)"], env=env, cwd=ROOT)
+    assert r.stdout.startswith("$MQBTT_BROKER: invalid broker URI"), r.stderr
+
+
 def test_valid_broker_option_overrides_invalid_env(tmp_path):
     env = dict(os.environ, MQBTT_BROKER="x://host")
     r = run([PY, os.path.join(ROOT, "mqbtt.py"), "dump", "--pid", "p", "--broker", UNREACHABLE],
