@@ -3078,7 +3078,13 @@ class _UsageError(Exception):
 
 def _parser(cmd):
     import argparse
-    p = argparse.ArgumentParser(prog=_prog(cmd), description=COMMANDS[cmd][:1].upper() + COMMANDS[cmd][1:] + ".")
+
+    class ArgumentParser(argparse.ArgumentParser):
+        def parse_args(self, *args, **kwargs):  # usage errors first, then missing packages
+            a = super().parse_args(*args, **kwargs)
+            check_dependencies(*_NEEDS.get(cmd, ()))
+            return a
+    p = ArgumentParser(prog=_prog(cmd), description=COMMANDS[cmd][:1].upper() + COMMANDS[cmd][1:] + ".")
     p.add_argument("--version", action="version", version=f"mqbtt {__version__}",
                    help="Show version and exit.")
     return p
@@ -3402,8 +3408,6 @@ def main(argv: list | None = None, prog: str | None = None) -> int:
             return 2
     _cli_logging(cmd)
     try:
-        if not {"-h", "--help", "--version"} & set(argv):
-            check_dependencies(*_NEEDS.get(cmd, ()))
         return _HANDLERS[cmd](list(argv)) or 0
     except SystemExit as e:  # argparse: --help, --version, usage errors
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)

@@ -123,7 +123,8 @@ def test_make_demo_then_again(tmp_path):
     the second run skips pip; a changed requirements file installs again."""
     venv = tmp_path / "venv"
     cmd = ["make", "-C", ROOT, "demo", f"VENV={venv}", f"PYTHON={PY}"]
-    first = run(cmd, timeout=300)
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+    first = run(cmd, timeout=300, env=env)
     assert first.returncode == 0, first.stdout + first.stderr
     assert "pip install -q -r requirements.txt" in first.stdout
     assert DOC_OPTIMIZER + DOC_ECHO in first.stdout
@@ -131,7 +132,7 @@ def test_make_demo_then_again(tmp_path):
     names = {line.split("==")[0].lower() for line in freeze.stdout.split()}
     assert {"paho-mqtt", "protobuf", "requests", "websocket-client"} <= names
     assert not names & {"pytest", "matplotlib", "ipykernel", "shiv"}  # no notebook/test stack
-    second = run(cmd, timeout=120)
+    second = run(cmd, timeout=120, env=env)
     assert second.returncode == 0, second.stdout + second.stderr
     assert "pip" not in second.stdout and "venv" not in second.stdout.replace(str(venv), "")
     assert DOC_OPTIMIZER + DOC_ECHO in second.stdout
@@ -223,11 +224,14 @@ def test_copied_single_file_missing_dependency(tmp_path, partial_site, argv, mis
     assert not (tmp_path / "x.db").exists() and not (tmp_path / "x.log").exists()
 
 
-def test_help_and_version_need_no_dependency(tmp_path, partial_site):
+def test_help_version_and_usage_errors_need_no_dependency(tmp_path, partial_site):
     shutil.copy(os.path.join(ROOT, "mqbtt.py"), tmp_path)
     for argv in (["dump", "--help"], ["echo", "--version"], ["--help"], ["wslog", "-h"]):
         r = run([PY, "-S", "mqbtt.py", *argv], cwd=tmp_path, env=partial_site())
         assert r.returncode == 0, r.stderr
+    for argv in (["dump"], ["echo", "--bogus"], ["record", "--db"], ["replay", "--speed", "x"]):
+        r = run([PY, "-S", "mqbtt.py", *argv], cwd=tmp_path, env=partial_site())
+        assert r.returncode == 2 and "usage:" in r.stderr and "pip install" not in r.stderr
 
 
 def test_library_and_example_without_paho(tmp_path, partial_site):
@@ -378,14 +382,26 @@ def test_valid_broker_option_overrides_invalid_env(tmp_path):
 # ---- C. no mosquitto ------------------------------------------------------------------------
 
 def without_sbin(cmd):
-    """*cmd* in a private mount namespace where /usr/sbin is empty and PATH has no mosquitto."""
-    if os.geteuid() != 0 or not shutil.which("unshare"):
-        pytest.fail("this test hides mosquitto with unshare -m and needs root (CI runs as root)")
+    """*cmd* in a private mount namespace where /usr/sbin is empty and PATH has no
+    mosquitto; where mount namespaces are not allowed (an unprivileged container),
+    with $MQBTT_MOSQUITTO naming a binary that does not exist."""
     path = ":".join(p for p in os.environ["PATH"].split(":")
                     if not os.path.exists(os.path.join(p, "mosquitto")))
     env = dict(os.environ, PATH=path)
     script = 'mount -t tmpfs none /usr/sbin && exec "$@"'
-    return run(["unshare", "-m", "sh", "-c", script, "sh", *cmd], env=env, cwd=ROOT)
+    if run(["unshare", "-m", "sh", "-c", script, "sh", "true"]).returncode == 0:
+        return run(["unshare", "-m", "sh", "-c", script, "sh", *cmd], env=env, cwd=ROOT)
+    env["MQBTT_MOSQUITTO"] = "/nonexistent/mosquitto"
+    return run(cmd, env=env, cwd=ROOT)
+
+
+def test_mosquitto_path_setting(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    import local_broker
+    assert local_broker.mosquitto_path() is not None
+    env = dict(os.environ, MQBTT_MOSQUITTO=str(tmp_path / "none"))
+    r = run([PY, "examples/demo.py"], env=env, cwd=ROOT)
+    assert r.returncode == 1 and one_line(r.stderr).startswith("demo: mosquitto is not installed")
 
 
 def test_demo_without_mosquitto_says_how_to_install_it():

@@ -31,7 +31,11 @@ class MosquittoMissing(RuntimeError):
 
 
 def mosquitto_path():
-    """The path of the ``mosquitto`` binary, or None if it is not installed."""
+    """The path of the ``mosquitto`` binary (``$MQBTT_MOSQUITTO`` if set, else
+    found on ``$PATH`` or in /usr/sbin), or None if it is not installed."""
+    configured = os.environ.get("MQBTT_MOSQUITTO")
+    if configured:
+        return configured if os.access(configured, os.X_OK) else None
     found = shutil.which("mosquitto")
     if found is None and os.path.exists(SBIN_MOSQUITTO):
         found = SBIN_MOSQUITTO
@@ -118,7 +122,7 @@ class LocalBroker:
         conf = os.path.join(self.dir, "mosquitto.conf")
         with open(conf, "w") as f:
             f.write(self.config())
-        exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        exe = mosquitto_path() or SBIN_MOSQUITTO
         self.proc = subprocess.Popen([exe, "-c", conf], stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + timeout
