@@ -589,7 +589,8 @@ def test_quick_start_is_two_commands_and_shows_their_transcript():
     assert [c for c in commands if c] == ["make demo", "make test"]
     transcript = re.search(r"```console\n(.*?)```", quick, re.S).group(1)
     assert "$ make demo\n" in transcript and "$ make test\n" in transcript
-    assert DOC_OPTIMIZER + DOC_ECHO in transcript
+    assert DOC_OPTIMIZER in transcript and DOC_ECHO in transcript
+    assert transcript.index(DOC_OPTIMIZER) < transcript.index(DOC_ECHO) < transcript.index("$ make test")
     assert re.search(r"^\d+ passed in [\d.]+s", transcript, re.M)
 
 
