@@ -3000,26 +3000,33 @@ def _python_name() -> str:
     return "python3"
 
 
+def _invoked_as() -> str:
+    """The program as the user typed it: ``mqbtt``, ``./mqbtt.pyz``, ``mqbtt.pyz``
+    (found on $PATH), ``python3 mqbtt.py`` (not a path, or not executable)."""
+    import shutil
+    argv0 = _ARGV0 if _ARGV0 is not None else sys.argv[0]
+    name = os.path.basename(argv0 or "")
+    if not name.startswith("mqbtt"):   # main() called from elsewhere (tests, -c)
+        return "mqbtt"
+    if not name.endswith((".py", ".pyz")):
+        return name
+    if os.sep not in argv0:       # not a path: it was an argument of python
+        return f"{_python_name()} {argv0}"
+    if shutil.which(name) == argv0:   # found on $PATH
+        return name
+    if os.access(argv0, os.X_OK):
+        return argv0
+    return f"{_python_name()} {argv0}"
+
+
 def _prog(cmd: str) -> str:
     """The program name of *cmd*'s usage line, as the user typed it:
     ``mqbtt_dump`` (a link or console script), ``mqbtt dump``,
     ``./mqbtt.pyz dump``, ``python3 mqbtt.py dump``."""
-    import shutil
     argv0 = _ARGV0 if _ARGV0 is not None else sys.argv[0]
-    name = os.path.basename(argv0 or "")
     if _command_from_argv0(argv0) == cmd:
-        return name
-    if not name.startswith("mqbtt"):   # main() called from elsewhere (tests, -c)
-        return f"mqbtt {cmd}"
-    if not name.endswith((".py", ".pyz")):
-        return f"{name} {cmd}"
-    if os.sep not in argv0:       # not a path: it was an argument of python
-        return f"{_python_name()} {argv0} {cmd}"
-    if shutil.which(name) == argv0:   # found on $PATH
-        return f"{name} {cmd}"
-    if os.access(argv0, os.X_OK):
-        return f"{argv0} {cmd}"
-    return f"{_python_name()} {argv0} {cmd}"
+        return os.path.basename(argv0)
+    return f"{_invoked_as()} {cmd}"
 
 
 def pip_scripts() -> dict:
@@ -3360,10 +3367,11 @@ def _command_from_argv0(argv0: str):
 
 def _top_usage():
     width = max(map(len, COMMANDS))
-    lines = ["usage: mqbtt [--version] [--help] COMMAND [OPTIONS]", "",
+    me = _invoked_as()
+    lines = [f"usage: {me} [--version] [--help] COMMAND [OPTIONS]", "",
              "MQbtT: steer a Bitcoin miner from an optimizer over MQTT.", "", "commands:"]
     lines += [f"  {c:<{width}}  {h}" for c, h in COMMANDS.items()]
-    lines += ["", "Run 'mqbtt COMMAND --help' for a command's options. Invoked through a",
+    lines += ["", f"Run '{me} COMMAND --help' for a command's options. Invoked through a",
               "symlink named mqbtt_COMMAND, the command runs directly."]
     return "\n".join(lines)
 

@@ -499,6 +499,11 @@ def test_usage_names_the_program_as_typed(tmp_path):
     for argv, cwd, start in cases:
         r = run(argv, cwd=cwd)
         assert r.returncode == 2 and r.stderr.startswith(start), (argv, r.stderr)
+    r = run([PY, "mqbtt.py"], cwd=ROOT)
+    assert r.returncode == 2 and r.stderr.startswith(f"usage: {py} mqbtt.py [--version] ")
+    assert f"Run '{py} mqbtt.py COMMAND --help'" in r.stderr
+    r = run(["./mqbtt.py", "--help"], cwd=ROOT)
+    assert r.returncode == 0 and r.stdout.startswith("usage: ./mqbtt.py [--version] ")
     # not executable: only "python3 FILE" can run it
     copy = tmp_path / "mqbtt.py"
     shutil.copy(os.path.join(ROOT, "mqbtt.py"), copy)
