@@ -34,9 +34,14 @@ $(VPY):
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "make: mqbtt needs Python 3.10 or newer; $(PYTHON) is %d.%d (choose another with make PYTHON=python3.11 ...)" % sys.version_info[:2])'
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.installed-%.txt: %.txt requirements.txt | $(VPY)
-	$(VPY) -m pip install -q -r $<
+$(VENV)/.installed-requirements.txt: requirements.txt | $(VPY)
+	$(VPY) -m pip install -q -r requirements.txt
 	@touch $@
+
+# requirements-dev.txt includes requirements.txt: one install serves both stamps
+$(VENV)/.installed-requirements-dev.txt: requirements-dev.txt requirements.txt | $(VPY)
+	$(VPY) -m pip install -q -r requirements-dev.txt
+	@touch $@ $(VENV)/.installed-requirements.txt
 
 clean-venv:
 	rm -rf $(VENV)
