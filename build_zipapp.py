@@ -194,6 +194,10 @@ COMMANDS = {commands!r}
 
 
 def main():
+    if sys.version_info < (3, 10):  # one line, before mqbtt.py (3.10 syntax) is imported
+        sys.stderr.write("mqbtt: error: mqbtt needs Python 3.10 or newer, this is Python %d.%d (%s)\\n"
+                         % (sys.version_info[0], sys.version_info[1], sys.executable))
+        return 1
     args = sys.argv[1:]
     name = sys.argv[0].replace("\\\\", "/").rsplit("/", 1)[-1]
     for suffix in (".pyz", ".py"):

@@ -33,6 +33,17 @@ Quick use::
 __version__ = "0.1.0"
 __license__ = "MIT"
 
+# Python version check: this part runs before anything that needs 3.10 (dataclass
+# kw_only, ``X | None`` annotations), so keep it parseable and runnable by Python 3.
+import sys
+
+if sys.version_info < (3, 10):
+    _TOO_OLD = ("mqbtt needs Python 3.10 or newer, this is Python %d.%d (%s)"
+                % (sys.version_info[0], sys.version_info[1], sys.executable))
+    if __name__ == "__main__":
+        sys.exit("mqbtt: error: " + _TOO_OLD)
+    raise ImportError(_TOO_OLD)
+
 import dataclasses
 import enum
 import logging
@@ -54,7 +65,8 @@ __all__ = [
     # exceptions
     "MQbtTError", "MQbtTDecodeError", "MQbtTConnectionError",
     "MQbtTSubscribeError", "MQbtTSendError", "MQbtTSendTimeout",
-    "APIException", "MQbtTConfigError",
+    "APIException", "MQbtTConfigError", "MQbtTMissingDependency", "DEPENDENCIES",
+    "check_dependencies",
     # secrets and text from the wire
     "safe_text", "BrokerURI", "HTTP_MAX_BYTES", "WSLOG_MAX_LINE", "WSLOG_SPLIT_MARK",
     "UPGRADE_MAX_BYTES",
@@ -66,6 +78,7 @@ __all__ = [
     "recorder_client_id", "dump", "format_dump", "replay", "request_reply_pairs",
     # distribution: zipapp, symlinks and upgrade
     "upgrade", "install_links", "link_names", "run_script", "running_zipapp", "UPGRADE_URL",
+    "pip_scripts",
     # fleet statistics: mqbtt top and mqbtt exporter
     "FleetStats", "FleetPair", "run_top", "run_exporter", "format_fleet_table", "sort_fleet",
     "parse_listen", "FLEET_SORT_KEYS", "RTT_BUCKETS", "DIFF_BUCKETS",
@@ -234,6 +247,69 @@ class _SafeFormatter(logging.Formatter):
 
 
 ###############################################################################
+# Missing dependencies ########################################################
+###############################################################################
+
+#: The third-party packages mqbtt imports (lazily, where they are used):
+#: top-level module -> (pip requirement, what needs it).  Keep the requirements
+#: in step with requirements.txt (test_newcomer.py checks it).
+DEPENDENCIES = {
+    "paho": ("paho-mqtt>=2.1,<3", "MQTT"),
+    "google.protobuf": ("protobuf>=5.26,<8", "message encoding"),
+    "requests": ("requests>=2.31,<3", "the AxeOS/OpenObserve calls and upgrade"),
+    "websocket": ("websocket-client>=1.6,<2", "wslog"),
+}
+
+
+class MQbtTMissingDependency(MQbtTError, ImportError):
+    """A package mqbtt needs for this feature is not installed; the message
+    names it and the ``pip install`` command that installs it."""
+
+
+def _dependency_of(module: str | None):
+    """The :data:`DEPENDENCIES` key *module* (a dotted name) belongs to, or None."""
+    for key in DEPENDENCIES:
+        if module and (module == key or module.startswith(key + ".") or key.startswith(module + ".")):
+            return key
+    return None
+
+
+def _missing_dependency(key: str) -> MQbtTMissingDependency:
+    requirement, purpose = DEPENDENCIES[key]
+    name = requirement.split(">")[0].split("<")[0].split("=")[0]
+    return MQbtTMissingDependency(
+        f"the Python package {name} (needed for {purpose}) is not installed: "
+        f"pip install '{requirement}'")
+
+
+def _require(module: str):
+    """Import *module*; if one of mqbtt's dependencies is missing, raise
+    :exc:`MQbtTMissingDependency` naming it and the pip command."""
+    import importlib
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as err:
+        key = _dependency_of(err.name)
+        if key is None:
+            raise
+        raise _missing_dependency(key) from None
+
+
+def check_dependencies(*keys: str) -> None:
+    """Raise :exc:`MQbtTMissingDependency` for the first of the
+    :data:`DEPENDENCIES` *keys* (``"paho"``, ``"google.protobuf"`` …) that
+    is not installed, without importing any of them."""
+    import importlib.util
+    for key in keys:
+        try:
+            found = importlib.util.find_spec(key) is not None
+        except ImportError:  # the parent package (``google``) is missing
+            found = False
+        if not found:
+            raise _missing_dependency(key)
+
+
+###############################################################################
 # Messages and wire format ####################################################
 ###############################################################################
 
@@ -265,7 +341,8 @@ def _pb():
     on first use from :data:`_DESCRIPTOR` (protobuf is imported lazily)."""
     if not _PB:
         import base64
-        from google.protobuf import descriptor_pool, message_factory
+        descriptor_pool = _require("google.protobuf.descriptor_pool")
+        message_factory = _require("google.protobuf.message_factory")
         pool = descriptor_pool.DescriptorPool()
         pool.AddSerializedFile(base64.b64decode(_DESCRIPTOR))
         fd = pool.FindFileByName("mqbtt.proto")
@@ -287,8 +364,9 @@ def _decode_error(cls, b, err):
 
 def _parse(cls, b):
     """Parse *b* with the protobuf class of *cls*, or raise MQbtTDecodeError."""
+    pbclass = _PB.get(cls.__name__) or _pb()[cls.__name__]  # missing protobuf: not a decode error
     try:
-        return (_PB.get(cls.__name__) or _pb()[cls.__name__]).FromString(b)
+        return pbclass.FromString(b)
     except Exception as err:  # google.protobuf.message.DecodeError, TypeError, ...
         if not isinstance(b, (bytes, bytearray, memoryview)):
             raise MQbtTDecodeError(
@@ -707,8 +785,16 @@ _KNOWN_SCHEMES = ("mqtt", "mqtts", "ws", "wss", "tcp", "ssl", "tls", "http", "ht
 
 
 def default_broker() -> str:
-    """``$MQBTT_BROKER`` if set, else :data:`DEFAULT_BROKER`."""
-    return os.environ.get("MQBTT_BROKER") or DEFAULT_BROKER
+    """``$MQBTT_BROKER`` if set, else :data:`DEFAULT_BROKER`.
+
+    :raises ValueError: naming ``$MQBTT_BROKER`` if its value is not a valid broker URI"""
+    env = os.environ.get("MQBTT_BROKER")
+    if env:
+        try:
+            BrokerURI.parse(env)
+        except ValueError as err:
+            raise ValueError(f"$MQBTT_BROKER: {err}") from None
+    return env or DEFAULT_BROKER
 
 
 def _host_tag() -> str:
@@ -730,7 +816,7 @@ def _paho_client(broker: "BrokerURI", client_id: str, clean_session: bool, **kwa
     TLS and credentials from the URI, reconnect back-off 1 s to 30 s, TCP_NODELAY,
     exceptions in callbacks logged instead of killing the network thread.
     *kwargs* go to :class:`paho.mqtt.client.Client` (e.g. ``manual_ack``)."""
-    import paho.mqtt.client as mqtt
+    mqtt = _require("paho.mqtt.client")
     b = broker
     c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
                     clean_session=clean_session, transport=b.transport,
@@ -1772,6 +1858,8 @@ def _epoch(value, name="timestamp") -> float:
 def _try_decode(subtopic, payload):
     try:
         return decode(subtopic, payload)
+    except MQbtTMissingDependency:  # not a bad row: protobuf is not installed
+        raise
     except Exception:  # a bad row must never stop an iteration
         return None
 
@@ -2943,7 +3031,7 @@ def _http(method: str, url: str, what: str, *, timeout=None, auth=None, json_bod
 
     Network errors and timeouts become :exc:`APIException` ("*what*: METHOD
     URL: reason"); the response is returned whatever its status."""
-    import requests
+    requests = _require("requests")
     timeout = HTTP_TIMEOUT if timeout is None else float(timeout)
     where = f"{method} {_redact(url)}"
     hint = ("; the device may restart anyway: check it with 'axeos_info' before trying again"
@@ -3316,7 +3404,7 @@ def wslog(pid: str, path: str, *, duration: float | None = None, stop=None,
       websocket).
     :raises OSError: if the file cannot be written."""
     import codecs
-    import websocket
+    websocket = _require("websocket")
     url = _ws_url(pid2url(pid))
     where = f"AxeOS websocket log: {_redact(url)}"
     say = progress or (lambda event, message: event == "lost" and log.warning("wslog: %s", message))
@@ -3477,9 +3565,9 @@ _NO_LINK = ("install-links", "run")
 
 
 def link_names() -> list:
-    """The names :func:`install_links` creates: ``mqbtt_<command>`` for every
-    command (``mqbtt_dump``, ``mqbtt_record``, …)."""
-    return [f"mqbtt_{c}" for c in COMMANDS if c not in _NO_LINK]
+    """The names :func:`install_links` creates: ``mqbtt`` itself and
+    ``mqbtt_<command>`` for every command (``mqbtt_dump``, ``mqbtt_record``, …)."""
+    return ["mqbtt"] + [f"mqbtt_{c}" for c in COMMANDS if c not in _NO_LINK]
 
 
 def running_zipapp(argv0: str | None = None) -> str | None:
@@ -3498,29 +3586,46 @@ def running_zipapp(argv0: str | None = None) -> str | None:
         return None
 
 
-def install_links(directory: str, target: str | None = None, force: bool = False) -> list:
-    """Create the ``mqbtt_*`` symlinks (see :func:`link_names`) in *directory*,
-    each pointing at *target*, so that ``mqbtt_dump …`` runs ``mqbtt dump …``.
+def install_links(directory: str, target: str | None = None, force: bool = False,
+                  parents: bool = False) -> list:
+    """Create the ``mqbtt`` and ``mqbtt_*`` symlinks (see :func:`link_names`) in
+    *directory*, each pointing at *target*, so that ``mqbtt_dump …`` runs
+    ``mqbtt dump …``.  Under a pip installation the links point at the console
+    scripts pip made (see :func:`pip_scripts`).
 
-    :param directory: where to create the links (created if missing)
+    :param directory: where to create the links
     :param target: the program the links point at (default: the running
-      ``mqbtt.pyz``, else this ``mqbtt.py``), made absolute
+      ``mqbtt.pyz``, else pip's console scripts, else this ``mqbtt.py``), made absolute
     :param force: replace existing files or links of those names
+    :param parents: create *directory* (and its parents) if it does not exist
     :returns: the paths of the links
+    :raises FileNotFoundError: if *directory* does not exist and *parents* is false
     :raises FileExistsError: if a name is taken and *force* is false"""
+    scripts = {} if target or running_zipapp() else pip_scripts()
     target = os.path.abspath(target or running_zipapp() or os.path.realpath(__file__))
-    os.makedirs(directory, exist_ok=True)
+    if os.path.lexists(directory) and not os.path.isdir(directory):
+        raise NotADirectoryError(f"{directory} is not a directory")
+    if not os.path.isdir(directory):
+        if not parents:
+            raise FileNotFoundError(f"no such directory: {directory} (use --parents to create it)")
+        os.makedirs(directory, exist_ok=True)
     made = []
     for name in link_names():
         link = os.path.join(directory, name)
+        dest = target
+        if scripts:  # pip's console script (a link named mqbtt_X to pip's mqbtt runs X)
+            dest = scripts.get(name) or scripts.get("mqbtt") or target
+            if os.path.exists(link) and os.path.samefile(link, dest) and not os.path.islink(link):
+                made.append(link)  # pip's own script, in its own directory
+                continue
         if os.path.lexists(link):
-            if os.path.islink(link) and os.readlink(link) == target:
+            if os.path.islink(link) and os.readlink(link) == dest:
                 made.append(link)
                 continue
             if not force:
                 raise FileExistsError(f"{link} exists (use --force to replace it)")
         tmp = f"{link}.tmp-{os.getpid()}"
-        os.symlink(target, tmp)
+        os.symlink(dest, tmp)
         os.replace(tmp, link)
         made.append(link)
     return made
@@ -3529,13 +3634,34 @@ def install_links(directory: str, target: str | None = None, force: bool = False
 def run_script(path: str, args: list = ()) -> None:
     """Run the Python script *path* as ``__main__`` with ``sys.argv = [path, *args]``,
     as ``python path args…`` would, but with mqbtt and (in the zipapp) its bundled
-    dependencies importable: this is how ``mqbtt.pyz run optimizer.py`` works."""
+    dependencies importable: this is how ``mqbtt.pyz run optimizer.py`` works.
+    *path* ``-`` reads the script from standard input (as ``python -``)."""
     import runpy
+    if path == "-":
+        _run_stdin(list(args))
+        return
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such script: {path}")
     sys.argv = [path, *args]
     sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
     runpy.run_path(path, run_name="__main__")
+
+
+def _run_stdin(args: list) -> None:
+    """Run the script on standard input as ``__main__`` (``python - ARGS``)."""
+    import types
+    code = compile(sys.stdin.read(), "<stdin>", "exec")
+    module = types.ModuleType("__main__")
+    module.__builtins__ = __builtins__
+    saved = sys.modules.get("__main__")
+    sys.argv = ["-", *args]
+    sys.path.insert(0, "")
+    sys.modules["__main__"] = module
+    try:
+        exec(code, module.__dict__)
+    finally:
+        if saved is not None:
+            sys.modules["__main__"] = saved
 
 
 def _version_key(version: str) -> tuple:
@@ -3586,7 +3712,7 @@ def _fetch(url: str, timeout: float, out=None, max_bytes: int = 4096) -> bytes:
     the binary file *out* (return b"") or return it.  At most *max_bytes*.
 
     :raises MQbtTError: in one line, the URL's password redacted"""
-    import requests
+    requests = _require("requests")
     from urllib.parse import urljoin
     shown = _redact(url)
     end = time.monotonic() + timeout
@@ -4683,6 +4809,98 @@ def run_exporter(broker_uri: str | None = None, listen: str = "127.0.0.1:9108", 
 
 
 ###############################################################################
+# Command line: program names, dependencies, pip scripts, run tracebacks ######
+###############################################################################
+
+#: How the program was started (``sys.argv[0]``, or main()'s *prog*), for usage lines.
+_ARGV0 = None
+
+#: The :data:`DEPENDENCIES` each command needs, checked before it starts.
+_NEEDS = {
+    "dump": ("paho", "google.protobuf"),
+    "echo": ("paho", "google.protobuf"),
+    "record": ("paho",),
+    "replay": ("paho",),
+    "restart": ("requests",),
+    "wslog": ("websocket",),
+    "upgrade": ("requests",),
+}
+
+
+def _python_name() -> str:
+    """The interpreter's name as typed (``python3``), for usage lines."""
+    try:
+        with open("/proc/self/cmdline", "rb") as f:
+            first = os.path.basename(f.read().split(b"\0")[0].decode())
+        if first.startswith("python"):
+            return first
+    except (OSError, UnicodeDecodeError, IndexError):
+        pass
+    return "python3"
+
+
+def _invoked_as() -> str:
+    """The program as the user typed it: ``mqbtt``, ``./mqbtt.pyz``, ``mqbtt.pyz``
+    (found on $PATH), ``python3 mqbtt.py`` (not a path, or not executable)."""
+    import shutil
+    argv0 = _ARGV0 if _ARGV0 is not None else sys.argv[0]
+    name = os.path.basename(argv0 or "")
+    if not name.startswith("mqbtt"):   # main() called from elsewhere (tests, -c)
+        return "mqbtt"
+    if not name.endswith((".py", ".pyz")):
+        return name
+    if os.sep not in argv0:       # not a path: it was an argument of python
+        return f"{_python_name()} {argv0}"
+    if shutil.which(name) == argv0:   # found on $PATH
+        return name
+    if os.access(argv0, os.X_OK):
+        return argv0
+    return f"{_python_name()} {argv0}"
+
+
+def _prog(cmd: str) -> str:
+    """The program name of *cmd*'s usage line, as the user typed it:
+    ``mqbtt_dump`` (a link or console script), ``mqbtt dump``,
+    ``./mqbtt.pyz dump``, ``python3 mqbtt.py dump``."""
+    argv0 = _ARGV0 if _ARGV0 is not None else sys.argv[0]
+    if _command_from_argv0(argv0) == cmd:
+        return os.path.basename(argv0)
+    return f"{_invoked_as()} {cmd}"
+
+
+def pip_scripts() -> dict:
+    """The console scripts pip made for this mqbtt (``{"mqbtt": path, "mqbtt_dump":
+    path, …}``, from the installation's RECORD), or ``{}`` when this ``mqbtt.py`` is
+    not the one a pip installation put in place."""
+    try:
+        from importlib import metadata
+        dist = metadata.distribution("mqbtt")
+        here = os.path.realpath(__file__)
+        if os.path.realpath(str(dist.locate_file("mqbtt.py"))) != here:
+            return {}
+        names = set(link_names())
+        found = {}
+        for f in dist.files or ():
+            if f.name in names and f.parent.name in ("bin", "Scripts"):
+                path = os.path.realpath(str(dist.locate_file(f)))
+                if os.path.isfile(path):
+                    found[f.name] = path
+        return found
+    except Exception:  # not installed by pip, or an unreadable RECORD
+        return {}
+
+
+def _print_script_traceback(err: BaseException, filename: str) -> None:
+    """Print *err*'s traceback as ``python SCRIPT`` would: from the script's
+    first frame on, without mqbtt's and runpy's frames around it."""
+    import traceback
+    tb = err.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename != filename:
+        tb = tb.tb_next
+    traceback.print_exception(type(err), err, tb)
+
+
+###############################################################################
 # Command line ################################################################
 ###############################################################################
 
@@ -4708,7 +4926,13 @@ class _UsageError(Exception):
 
 def _parser(cmd):
     import argparse
-    p = argparse.ArgumentParser(prog=f"mqbtt_{cmd}", description=COMMANDS[cmd][:1].upper() + COMMANDS[cmd][1:] + ".")
+
+    class ArgumentParser(argparse.ArgumentParser):
+        def parse_args(self, *args, **kwargs):  # usage errors first, then missing packages
+            a = super().parse_args(*args, **kwargs)
+            check_dependencies(*_NEEDS.get(cmd, ()))
+            return a
+    p = ArgumentParser(prog=_prog(cmd), description=COMMANDS[cmd][:1].upper() + COMMANDS[cmd][1:] + ".")
     p.add_argument("--version", action="version", version=f"mqbtt {__version__}",
                    help="Show version and exit.")
     return p
@@ -4734,7 +4958,17 @@ def _pid_arg(text):
 
 
 def _add_broker(p):
-    p.add_argument("--broker", metavar="URI", default=default_broker(), type=_broker_arg,
+    env = os.environ.get("MQBTT_BROKER") or None
+
+    def broker_arg(text):
+        if env is not None and text is env:  # the default, from the environment
+            try:
+                BrokerURI.parse(text)
+            except ValueError as err:  # name the variable, not --broker
+                p.exit(2, f"{p.prog}: error: $MQBTT_BROKER: {err}\n")
+        return _broker_arg(text)
+
+    p.add_argument("--broker", metavar="URI", default=env or DEFAULT_BROKER, type=broker_arg,
                    help=f"MQTT broker (host, mqtt://, mqtts://, ws://, wss://), "
                         f"default: $MQBTT_BROKER or {DEFAULT_BROKER}")
 
@@ -4906,20 +5140,25 @@ def _cmd_install_links(argv):
     p = _parser("install-links")
     p.add_argument("directory", metavar="DIR", help="where to create the links, e.g. ~/.local/bin")
     p.add_argument("--force", action="store_true", help="replace existing files of those names")
+    p.add_argument("--parents", action="store_true", help="create DIR (and its parents) if missing")
     a = p.parse_args(argv)
-    for link in install_links(a.directory, force=a.force):
-        print(f"{link} -> {os.readlink(link)}")
+    for link in install_links(a.directory, force=a.force, parents=a.parents):
+        if os.path.islink(link):
+            print(f"{link} -> {os.readlink(link)}")
+        else:
+            print(f"{link} (made by pip)")
     return 0
 
 
 def _cmd_run(argv):
     import argparse
     p = _parser("run")
-    p.add_argument("script", metavar="SCRIPT", help="the Python script to run")
+    p.add_argument("script", metavar="SCRIPT", help="the Python script to run (- reads it from stdin)")
     p.add_argument("args", metavar="ARGS", nargs=argparse.REMAINDER,
-                   help="its arguments (passed as they are, options included)")
+                   help="its arguments, optional (passed as they are, options included)")
+    p.usage = f"{p.prog} [-h] [--version] SCRIPT [ARGS ...]"
     a = p.parse_args(argv)
-    if not os.path.isfile(a.script):
+    if a.script != "-" and not os.path.isfile(a.script):
         raise FileNotFoundError(f"no such script: {a.script}")
     try:
         run_script(a.script, a.args)
@@ -4930,9 +5169,8 @@ def _cmd_run(argv):
         return 1
     except KeyboardInterrupt:
         raise
-    except BaseException:  # the user's bug: show the traceback as python would
-        import traceback
-        traceback.print_exc()
+    except BaseException as err:  # the user's bug: show the traceback as python would
+        _print_script_traceback(err, "<stdin>" if a.script == "-" else a.script)
         return 1
     return 0
 
@@ -5054,10 +5292,11 @@ def _command_from_argv0(argv0: str):
 
 def _top_usage():
     width = max(map(len, COMMANDS))
-    lines = ["usage: mqbtt [--version] [--help] COMMAND [OPTIONS]", "",
+    me = _invoked_as()
+    lines = [f"usage: {me} [--version] [--help] COMMAND [OPTIONS]", "",
              "MQbtT: steer a Bitcoin miner from an optimizer over MQTT.", "", "commands:"]
     lines += [f"  {c:<{width}}  {h}" for c, h in COMMANDS.items()]
-    lines += ["", "Run 'mqbtt COMMAND --help' for a command's options. Invoked through a",
+    lines += ["", f"Run '{me} COMMAND --help' for a command's options. Invoked through a",
               "symlink named mqbtt_COMMAND, the command runs directly."]
     return "\n".join(lines)
 
@@ -5085,6 +5324,8 @@ def main(argv: list | None = None, prog: str | None = None) -> int:
     stderr), 2 usage error."""
     if argv is None:
         argv = sys.argv[1:]
+    global _ARGV0
+    _ARGV0 = prog if prog is not None else sys.argv[0]
     cmd = _command_from_argv0(prog if prog is not None else sys.argv[0])
     if cmd is None:
         if not argv or argv[0] in ("-h", "--help", "help"):
@@ -5113,6 +5354,12 @@ def main(argv: list | None = None, prog: str | None = None) -> int:
         return 0
     except (MQbtTError, ValueError, OSError) as err:
         print(f"mqbtt {cmd}: error: {safe_text(err)}", file=sys.stderr)
+        return 1
+    except ModuleNotFoundError as err:  # a dependency imported without _require()
+        key = _dependency_of(err.name)
+        if key is None:
+            raise
+        print(f"mqbtt {cmd}: error: {_missing_dependency(key)}", file=sys.stderr)
         return 1
 
 

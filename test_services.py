@@ -741,7 +741,7 @@ class TestRestartCommand:
     @pytest.mark.parametrize("args", [["--wait", "soon"], ["--timeout", "0"], ["--bogus"]])
     def test_usage_errors(self, config, args):
         p = run_cli("restart", *args)
-        assert p.returncode == 2 and "usage: mqbtt_restart" in p.stderr
+        assert p.returncode == 2 and "usage: " in p.stderr and " mqbtt.py restart [-h]" in p.stderr
 
 
 class TestWslogCommand:

@@ -156,12 +156,12 @@ class TestDispatch:
     def test_each_command_has_help_and_version(self, dist, cmd):
         result = run([sys.executable, dist.pyz, cmd, "--help"], env=dist.env)
         assert result.returncode == 0, result.stderr
-        assert result.stdout.startswith(f"usage: mqbtt_{cmd} ")
+        assert re.match(rf"usage: {re.escape(dist.pyz)} {cmd}\s", result.stdout)  # as typed
         result = run([sys.executable, dist.pyz, cmd, "--version"], env=dist.env)
         assert (result.returncode, result.stdout) == (0, f"mqbtt {mqbtt.__version__}\n")
 
     def test_symlinks_dispatch(self, dist, tmp_path):
-        result = run([sys.executable, dist.pyz, "install-links", str(tmp_path / "bin")],
+        result = run([sys.executable, dist.pyz, "install-links", "--parents", str(tmp_path / "bin")],
                      env=dist.env)
         assert result.returncode == 0, result.stderr
         names = sorted(os.listdir(tmp_path / "bin"))

@@ -14,11 +14,13 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from local_broker import LocalBroker  # noqa: E402
+from local_broker import INSTALL_HINT, LocalBroker, mosquitto_path  # noqa: E402
 
 
 def main():
     root = os.path.dirname(HERE)
+    if mosquitto_path() is None:  # one line that says how to install it
+        sys.exit(f"demo: {INSTALL_HINT}")
     with LocalBroker() as broker:
         env = dict(os.environ, MQBTT_BROKER=broker.uri, PYTHONUNBUFFERED="1")
         echo = subprocess.Popen([sys.executable, os.path.join(root, "mqbtt.py"), "echo", "demo"],

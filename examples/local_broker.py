@@ -18,6 +18,30 @@ import tempfile
 import time
 
 
+#: Where Debian puts the broker, which is often not on a user's $PATH.
+SBIN_MOSQUITTO = "/usr/sbin/mosquitto"
+
+#: How to get it, in one line.
+INSTALL_HINT = ("mosquitto is not installed: sudo apt-get install mosquitto "
+                "(or run `make demo` / `make test`, which install it)")
+
+
+class MosquittoMissing(RuntimeError):
+    """The ``mosquitto`` broker is not installed (the message says how to install it)."""
+
+
+def mosquitto_path():
+    """The path of the ``mosquitto`` binary (``$MQBTT_MOSQUITTO`` if set, else
+    found on ``$PATH`` or in /usr/sbin), or None if it is not installed."""
+    configured = os.environ.get("MQBTT_MOSQUITTO")
+    if configured:
+        return configured if os.access(configured, os.X_OK) else None
+    found = shutil.which("mosquitto")
+    if found is None and os.path.exists(SBIN_MOSQUITTO):
+        found = SBIN_MOSQUITTO
+    return found
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -42,8 +66,8 @@ class LocalBroker:
 
     def __init__(self, port=None, persistence=False, extra="", listeners="", anonymous=True,
                  users=None, acl=None, stock=False):
-        if shutil.which("mosquitto") is None and not os.path.exists("/usr/sbin/mosquitto"):
-            raise RuntimeError("mosquitto is not installed (apt-get install mosquitto)")
+        if mosquitto_path() is None:
+            raise MosquittoMissing(INSTALL_HINT)
         self.port = port or free_port()
         self.dir = tempfile.mkdtemp(prefix="mqbtt-broker-")
         self.persistence = persistence
@@ -112,7 +136,7 @@ class LocalBroker:
         conf = os.path.join(self.dir, "mosquitto.conf")
         with open(conf, "w") as f:
             f.write(self.config())
-        exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        exe = mosquitto_path() or SBIN_MOSQUITTO
         self.proc = subprocess.Popen([exe, "-c", conf], stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + timeout

@@ -8,11 +8,11 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from mqbtt import DEFAULT_BROKER, MQbtTError, MQbtTLogReceiver, safe_text  # noqa: E402
+from mqbtt import MQbtTError, MQbtTLogReceiver, safe_text  # noqa: E402
 
 
 def main(pair_id="test", broker=None):
-    broker = broker or os.environ.get("MQBTT_BROKER") or DEFAULT_BROKER
+    # broker None: $MQBTT_BROKER, else DEFAULT_BROKER (a bad $MQBTT_BROKER is a ValueError naming it)
     with MQbtTLogReceiver(broker, pair_id) as handle:
         print(f"logger: listening to the log lines of pair {pair_id!r} on {handle.broker}",
               file=sys.stderr, flush=True)

@@ -10,11 +10,11 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from mqbtt import DEFAULT_BROKER, Empty, MQbtTError, MQbtTOptimizer, Request  # noqa: E402
+from mqbtt import Empty, MQbtTError, MQbtTOptimizer, Request  # noqa: E402
 
 
 def main(pair_id="test", broker=None):
-    broker = broker or os.environ.get("MQBTT_BROKER") or DEFAULT_BROKER
+    # broker None: $MQBTT_BROKER, else DEFAULT_BROKER (a bad $MQBTT_BROKER is a ValueError naming it)
     with MQbtTOptimizer(broker, pair_id) as handle:
         for i in range(10):
             request = Request(
