@@ -258,6 +258,7 @@ DEPENDENCIES = {
     "google.protobuf": ("protobuf>=5.26,<8", "message encoding"),
     "requests": ("requests>=2.31,<3", "the AxeOS/OpenObserve calls and upgrade"),
     "websocket": ("websocket-client>=1.6,<2", "wslog"),
+    "prometheus_client": ("prometheus_client>=0.20,<1", "mqbtt exporter"),
 }
 
 
@@ -4661,13 +4662,8 @@ def _top_draw(stdscr, stats, sort, reverse, dim):
 # ---- the Prometheus exporter ---------------------------------------------------
 
 def _prometheus():
-    """prometheus_client, or MQbtTError naming the pip command."""
-    try:
-        import prometheus_client
-        from prometheus_client import core  # noqa: F401
-    except ImportError:
-        raise MQbtTError("the exporter needs prometheus_client: pip install prometheus_client") from None
-    return prometheus_client
+    """prometheus_client, or :exc:`MQbtTMissingDependency` naming the pip command."""
+    return _require("prometheus_client")
 
 
 def parse_listen(text: str) -> tuple:
@@ -4824,6 +4820,8 @@ _NEEDS = {
     "restart": ("requests",),
     "wslog": ("websocket",),
     "upgrade": ("requests",),
+    "top": ("paho", "google.protobuf"),
+    "exporter": ("paho", "google.protobuf", "prometheus_client"),
 }
 
 

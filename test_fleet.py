@@ -590,7 +590,7 @@ def cli():
 def test_top_usage_errors(args, fragment, capsys, cli):
     assert cli(["top", *args]) == 2
     out, err = capsys.readouterr()
-    assert err.strip().splitlines()[-1].startswith("mqbtt_top: error:") and fragment in err
+    assert err.strip().splitlines()[-1].startswith("mqbtt top: error:") and fragment in err
     assert "Traceback" not in err and out == ""
 
 
@@ -838,7 +838,7 @@ def test_exporter_memory_is_bounded_with_10000_pair_ids(tmp_path, exporters):
 def test_exporter_usage_errors(args, fragment, capsys, cli):
     assert cli(["exporter", *args]) == 2
     out, err = capsys.readouterr()
-    assert err.strip().splitlines()[-1].startswith("mqbtt_exporter: error:")
+    assert err.strip().splitlines()[-1].startswith("mqbtt exporter: error:")
     assert fragment in err and "Traceback" not in err and out == ""
 
 
@@ -867,8 +867,8 @@ def test_exporter_without_prometheus_client(broker):
     r = subprocess.run([sys.executable, "-c", code, ROOT, broker.uri], capture_output=True,
                        text=True, timeout=30)
     assert r.returncode == 1 and r.stdout == ""
-    assert r.stderr == ("mqbtt exporter: error: the exporter needs prometheus_client: "
-                        "pip install prometheus_client\n")
+    assert r.stderr == ("mqbtt exporter: error: the Python package prometheus_client (needed for "
+                        "mqbtt exporter) is not installed: pip install 'prometheus_client>=0.20,<1'\n")
 
 
 def test_exporter_sigterm_while_connecting():
