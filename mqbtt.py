@@ -1917,7 +1917,8 @@ class Recorder:
                 rows.append((ts, where[0], where[1], payload))
                 stored.append(where[1])
         try:
-            self._db._insert_many(rows)
+            if rows:   # none when every message of the batch is left out
+                self._db._insert_many(rows)
         except sqlite3.Error as err:
             raise MQbtTError(f"cannot write to the database {self.db_path!r}: {err}") from None
         self.commits += 1
