@@ -2370,42 +2370,65 @@ def _iso_utc(ts: float) -> str:
     return _utc(ts).isoformat(timespec="microseconds")
 
 
+def _export_columns(cls, renames=None):
+    return [(f.name, (renames or {}).get(f.name, f.name)) for f in dataclasses.fields(cls)]
+
+
+# (attribute, column) of each decoded subtopic; Share's ``time`` would clash
+# with the row's own time
+_EXPORT_ATTRS = {"srv": _export_columns(Request), "esp": _export_columns(Reply),
+                 "shr": _export_columns(Share, {"time": "share_time"})}
+
 #: the columns of each subtopic in :meth:`MQbtTDataBase.export_rows`
-EXPORT_FIELDS = {
-    "srv": ["timestamp_min", "timestamp_max", "nonce_start", "nonce_size", "reset"],
-    "esp": ["kind", "num_shares", "new_block"],
-    "shr": ["version", "prev_block", "merkle_root", "share_time", "pool_time", "bits", "nonce",
-            "pool_diff", "job_id", "extranonce2", "diff", "zeroes"],
-    "log": ["text"],
-}
+EXPORT_FIELDS = {sub: [col for _, col in attrs] for sub, attrs in _EXPORT_ATTRS.items()}
+EXPORT_FIELDS["log"] = ["text"]
 
 #: the export formats of :func:`export`
 EXPORT_FORMATS = ("jsonl", "csv")
+
+_iso_cache = [None, ""]   # [whole second, its ISO 8601 text]
+
+
+def _iso_utc_fast(ts: float) -> str:
+    """:func:`_iso_utc`, formatting each second once (exports are dense in time)."""
+    sec = int(ts // 1)
+    us = int(round((ts - sec) * 1e6))
+    if us >= 1000000:
+        sec, us = sec + 1, us - 1000000
+    if _iso_cache[0] != sec:
+        _iso_cache[1] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+        _iso_cache[0] = sec
+    return f"{_iso_cache[1]}.{us:06d}+00:00"
 
 
 def _export_row(rec) -> dict:
     ts = rec.__dict__.get("_ts")
     if ts is None:
         ts = rec.timestamp.timestamp()
-    row = {"time": _iso_utc(ts), "timestamp": ts, "pair_id": rec.pair_id, "subtopic": rec.subtopic}
+    sub = rec.subtopic
+    row = {"time": _iso_utc_fast(ts), "timestamp": ts, "pair_id": rec.pair_id, "subtopic": sub}
     message = rec.message
     if message is None:
         row["payload"] = bytes(rec.payload).hex()
         try:
-            decode(rec.subtopic, rec.payload)
+            decode(sub, rec.payload)
             row["error"] = "does not decode"
         except Exception as err:
             row["error"] = str(err)
-    elif rec.subtopic == "log":
+    elif sub == "log":
         row["text"] = message
     else:
-        for f in dataclasses.fields(message):
-            v = getattr(message, f.name)
-            if isinstance(v, enum.Enum):
-                v = v.name
-            elif isinstance(v, bytes):
+        # a received Share reads its fields straight from the parsed protobuf
+        src = message.__dict__.get("_pbmsg")
+        if src is None:
+            src = message
+        for attr, col in _EXPORT_ATTRS[sub]:
+            v = getattr(src, attr)
+            if v.__class__ is bytes:
                 v = v.hex()
-            row["share_time" if rec.subtopic == "shr" and f.name == "time" else f.name] = v
+            elif isinstance(v, enum.Enum):
+                v = v.name
+            row[col] = v
     return row
 
 
@@ -2435,9 +2458,13 @@ def export(db_path: str, out=None, format: str = "jsonl", *, pair_id: str | None
     with open_recording(db_path) as db:
         rows = db.export_rows(pair_id, subtopic, min_timestamp, max_timestamp)
         if format == "jsonl":
+            encode = json.JSONEncoder(ensure_ascii=False, allow_nan=False).encode
             for row in rows:
-                out.write(json.dumps({k: _json_float(v) for k, v in row.items()},
-                                     ensure_ascii=False, allow_nan=False) + "\n")
+                try:
+                    line = encode(row)
+                except ValueError:   # NaN or infinity: as text
+                    line = encode({k: _json_float(v) for k, v in row.items()})
+                out.write(line + "\n")
                 n += 1
         else:
             import csv
@@ -2445,11 +2472,12 @@ def export(db_path: str, out=None, format: str = "jsonl", *, pair_id: str | None
             for sub in ([subtopic] if subtopic else SUBTOPICS):
                 columns += EXPORT_FIELDS[sub]
             columns += ["payload", "error"]
-            writer = csv.DictWriter(out, columns, lineterminator="\n")
-            writer.writeheader()
+            writer = csv.writer(out, lineterminator="\n")
+            writer.writerow(columns)
             for row in rows:
-                writer.writerow({k: ("true" if v else "false") if isinstance(v, bool) else v
-                                 for k, v in row.items()})
+                values = [row.get(c, "") for c in columns]
+                writer.writerow([("true" if v else "false") if v.__class__ is bool else v
+                                 for v in values])
                 n += 1
     out.flush()
     return n
