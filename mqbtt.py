@@ -2254,8 +2254,8 @@ def _record_pair_ids(pair_ids):
     return out
 
 
-_ISO_TIME = (r"\d{4}-\d\d-\d\d(?:[T ]\d\d:\d\d(?::\d\d(?:[.,]\d{1,9})?)?)?"
-             r"(?:[Zz]|[+-]\d\d(?::?\d\d)?)?")
+_ISO_TIME = (r"\d{4}-\d\d-\d\d(?:[T ]\d\d:\d\d(?::\d\d(?:[.,]\d{1,9})?)?"
+             r"(?:[Zz]|[+-]\d\d(?::?\d\d)?)?)?")
 
 
 def parse_time(text) -> float:
@@ -2458,12 +2458,17 @@ def export(db_path: str, out=None, format: str = "jsonl", *, pair_id: str | None
     with open_recording(db_path) as db:
         rows = db.export_rows(pair_id, subtopic, min_timestamp, max_timestamp)
         if format == "jsonl":
+            import re
             encode = json.JSONEncoder(ensure_ascii=False, allow_nan=False).encode
+            unsafe_chars = re.compile("[\x7f-\x9f\u2028\u2029]")
+            unsafe, escape = unsafe_chars.search, unsafe_chars.sub
             for row in rows:
                 try:
                     line = encode(row)
                 except ValueError:   # NaN or infinity: as text
                     line = encode({k: _json_float(v) for k, v in row.items()})
+                if unsafe(line):   # C1 controls, DEL, U+2028/9: escaped, as JSON allows
+                    line = escape(lambda m: f"\\u{ord(m.group()):04x}", line)
                 out.write(line + "\n")
                 n += 1
         else:

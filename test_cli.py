@@ -639,6 +639,16 @@ def test_export_bad_databases_and_a_closed_pipe(tmp_path):
     assert len(lines) == 3 and lines[-1] == "status=0" and p.stderr == "", p.stderr
 
 
+def test_export_escapes_terminal_controls_in_json(tmp_path):
+    db = make_db(tmp_path / "c.db", [("p\u2028q", "log", T0, "a\x1b[2J\x9b\x7fb\u2029".encode())])
+    r = run("export", "--db", db)
+    assert r.returncode == 0, r.stderr
+    line = r.stdout
+    assert not any(c in line for c in "\x1b\x9b\x7f\u2028\u2029"), repr(line)
+    row = json.loads(line)
+    assert row["text"] == "a\x1b[2J\x9b\x7fb\u2029" and row["pair_id"] == "p\u2028q"
+
+
 def test_parse_time():
     assert mqbtt.parse_time("2026-12-01T10:00:00Z") == T0
     assert mqbtt.parse_time("2026-12-01T10:00:00z") == T0
@@ -654,7 +664,7 @@ def test_parse_time():
     assert mqbtt.parse_time("2026-12-01 10:00") == datetime.datetime(2026, 12, 1, 10).timestamp()
     for bad in ("", "now", "nan", "inf", "-inf", "1e400", "2026-02-30", "2026-12-01T24:00",
                 "2026-12-01T10:00:00+24:00", "2026-12-01T10", "99999999999999999",
-                "2026-12-01T10:00:00ZZ", "0x10", "1_000"):
+                "2026-12-01T10:00:00ZZ", "0x10", "1_000", "2026-12-01Z", "2026-12-01+01:00"):
         with pytest.raises(ValueError):
             mqbtt.parse_time(bad)
 
