@@ -2112,7 +2112,7 @@ def dump(broker_uri: str, pair_id: str, mode: str, out=None, as_json: bool = Fal
 def replay(db_path: str, broker_uri: str, pair_id: str, to_pid: str | None = None,
            speed: float = 1.0, *, min_timestamp=None, max_timestamp=None,
            keepalive: int = 60, connect_timeout: float = 10.0, send_timeout: float = 60.0,
-           connected=None, progress=None) -> int:
+           connected=None, progress=None, stop=None) -> int:
     """Republish a recorded pair's messages with their original timing.
 
     The messages of *pair_id* in *db_path* (optionally between *min_timestamp*
@@ -2127,7 +2127,10 @@ def replay(db_path: str, broker_uri: str, pair_id: str, to_pid: str | None = Non
     database, a pair it does not hold, or a time window with none of the
     pair's messages raise :class:`MQbtTNotFound` (see :func:`replay_plan`).
     *progress*, if given, is called after each message as
-    ``progress(published, total, eta_seconds)``.
+    ``progress(published, total, eta_seconds)``.  *stop*, a
+    :class:`threading.Event`, ends the replay early when set (from a signal
+    handler or another thread): it returns at once with the number published
+    so far, without waiting for outstanding acknowledgements.
     """
     if not isinstance(speed, (int, float)) or speed < 0:
         raise ValueError(f"speed must be a non-negative number, not {speed!r}")
@@ -2146,9 +2149,13 @@ def replay(db_path: str, broker_uri: str, pair_id: str, to_pid: str | None = Non
     pending = deque()
 
     def wait(info):
-        if not _wait_published(info, send_timeout):
-            raise MQbtTSendTimeout(f"the broker {broker} did not acknowledge a replayed "
-                                   f"message within {send_timeout:g} s")
+        deadline = time.monotonic() + send_timeout
+        while not _wait_published(info, 0.2 if stop is not None else send_timeout):
+            if stop is not None and stop.is_set():
+                return
+            if time.monotonic() >= deadline:
+                raise MQbtTSendTimeout(f"the broker {broker} did not acknowledge a replayed "
+                                       f"message within {send_timeout:g} s")
 
     try:
         with MQbtTDataBase(db_path) as db:
@@ -2161,7 +2168,12 @@ def replay(db_path: str, broker_uri: str, pair_id: str, to_pid: str | None = Non
                 elif speed > 0:
                     delay = m0 + (ts - t0) / speed - time.monotonic()
                     if delay > 0:
-                        time.sleep(delay)
+                        if stop is not None:
+                            stop.wait(delay)
+                        else:
+                            time.sleep(delay)
+                if stop is not None and stop.is_set():
+                    break
                 qos = SUBTOPICS[rec.subtopic]
                 if len(pending) >= MQbtTBase.max_pending:   # paho's ids are 16-bit
                     wait(pending.popleft())
@@ -2184,7 +2196,7 @@ def replay(db_path: str, broker_uri: str, pair_id: str, to_pid: str | None = Non
                     pending.append(info)
                     while pending and pending[0]._published:
                         pending.popleft()
-        while pending:
+        while pending and not (stop is not None and stop.is_set()):
             wait(pending.popleft())
     finally:
         conn.stop()
@@ -3480,7 +3492,15 @@ def _replay_cli(a, to) -> int:
     state = {"n": 0, "total": None, "shown": 0.0}
     started = time.monotonic()
 
+    import signal
+    stop = threading.Event()
+    old = {}
+
     def connected():
+        # from now on Ctrl-C and SIGTERM end the replay between two messages,
+        # so that the summary is exact
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            old[sig] = signal.signal(sig, lambda signum, frame: stop.set())
         state["total"] = plan["messages"]
         print(f"mqbtt replay: publishing {plan['messages']} messages of pair {_show_pair(a.pid)} "
               f"of {a.db} ({_iso_utc(plan['first_timestamp'])} to "
@@ -3502,23 +3522,23 @@ def _replay_cli(a, to) -> int:
         return _fail("replay", err)
     try:
         n = replay(a.db, a.broker, a.pid, a.to_pid, a.speed, min_timestamp=a.from_,
-                   max_timestamp=a.to, connected=connected, progress=progress)
+                   max_timestamp=a.to, connected=connected, progress=progress, stop=stop)
     except MQbtTNotFound as err:   # the database changed in between
         return _fail("replay", err)
-    except KeyboardInterrupt:
-        if tty and state["n"]:
-            sys.stderr.write("\n")
-        if state["total"] is None:
-            print("mqbtt replay: interrupted before connecting: nothing published",
-                  file=sys.stderr, flush=True)
-        else:
-            print(f"mqbtt replay: interrupted after {_hms(time.monotonic() - started)}: "
-                  f"{state['n']} of {state['total']} messages published", file=sys.stderr,
-                  flush=True)
+    except KeyboardInterrupt:      # while connecting
+        print("mqbtt replay: interrupted before connecting: nothing published",
+              file=sys.stderr, flush=True)
         return 0
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
     if tty and state["n"]:
         sys.stderr.write("\n")
-    print(f"mqbtt replay: {n} messages published", file=sys.stderr, flush=True)
+    if stop.is_set():
+        print(f"mqbtt replay: interrupted after {_hms(time.monotonic() - started)}: "
+              f"{n} of {plan['messages']} messages published", file=sys.stderr, flush=True)
+    else:
+        print(f"mqbtt replay: {n} messages published", file=sys.stderr, flush=True)
     return 0
 
 

@@ -257,7 +257,7 @@ def test_dump_usage_errors(args, needle):
 
 def test_record_some_pairs_for_a_duration(broker, tmp_path):
     db = make_db(tmp_path / "rec.db", [("old", "log", 1000.0 + i, b"before") for i in range(3)])
-    rec = start_recorder(broker, db, "--pid", "a", "--pid", "b", "--pid", "a", "--duration", "6")
+    rec = start_recorder(broker, db, "--pid", "a", "--pid", "b", "--pid", "a", "--duration", "8")
     assert "recording mqbtt/a/srv, mqbtt/a/esp, mqbtt/a/shr, mqbtt/a/log, mqbtt/b/srv" in rec.err[0]
     t0 = time.monotonic()
     sent = {p: session(broker, p, n=1, shares_per_request=1) for p in ("a", "b", "c")}
@@ -280,14 +280,14 @@ def test_record_some_pairs_for_a_duration(broker, tmp_path):
 
 def test_record_status_line_on_a_terminal(broker, tmp_path):
     db = make_db(tmp_path / "tty.db", [("old", "log", 1000.0 + i, b"x") for i in range(5)])
-    rec = PtyProc(mqbtt_cmd("record", "--broker", broker.uri, "--db", db, "--pid", "t",
-                            "--duration", "4"))
+    rec = PtyProc(mqbtt_cmd("record", "--broker", broker.uri, "--db", db, "--pid", "t"))
     try:
         wait_for(lambda: "recording mqbtt/t/srv" in rec.err, what="the recorder to start")
         session(broker, "t", n=1, shares_per_request=1)
         wait_for(lambda: re.search(r"\r\x1b\[Kmqbtt record: 4 messages recorded, [\d.]+/s "
                                    r"\(srv=1 esp=1 shr=1 log=1\), 9 in the database", rec.err),
                  what="the live status line with the database's total")
+        rec.p.send_signal(signal.SIGINT)
         assert rec.wait(30) == 0
     finally:
         rec.kill()
@@ -438,8 +438,9 @@ def test_replay_progress_eta_on_a_terminal(broker, tmp_path):
     assert err.rstrip().endswith("mqbtt replay: 12 messages published")
 
 
-@pytest.mark.parametrize("terminal", [True, False])
-def test_replay_summary_on_ctrl_c(broker, tmp_path, terminal):
+@pytest.mark.parametrize("terminal,sig", [(True, signal.SIGINT), (False, signal.SIGINT),
+                                          (False, signal.SIGTERM)])
+def test_replay_summary_on_ctrl_c(broker, tmp_path, terminal, sig):
     n = 40
     db = make_db(tmp_path / "c.db", [("cc", "log", T0 + 0.5 * i, b"x") for i in range(n)])
     args = mqbtt_cmd("replay", "--broker", broker.uri, "--db", db, "--pid", "cc", "--to-pid", "cc2")
@@ -448,14 +449,22 @@ def test_replay_summary_on_ctrl_c(broker, tmp_path, terminal):
         try:
             for _ in range(2):
                 logs.receive_log(timeout=20)   # it is publishing
-            p.p.send_signal(signal.SIGINT)
+            p.p.send_signal(sig)
             assert p.wait(30) == 0
+            received = 2
+            while True:   # what it published after those two
+                try:
+                    logs.receive_log(timeout=1.0)
+                except mqbtt.Empty:
+                    break
+                received += 1
         finally:
             p.kill()
     err = p.err if terminal else "\n".join(p.err)
     m = re.search(r"mqbtt replay: interrupted after 0:00:0\d: (\d+) of 40 messages published", err)
     assert m, err
     assert 2 <= int(m.group(1)) < n
+    assert int(m.group(1)) == received            # exact
     assert "Traceback" not in err
     assert ("ETA" in err) == terminal
 
@@ -679,3 +688,32 @@ def test_new_commands_have_help_and_links():
     assert "--duration SECONDS" in r.stdout
     r = run("replay", "--help")
     assert "--from TIME" in r.stdout and "--to TIME" in r.stdout
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    for text in ("mqbtt info --db traffic.db", "mqbtt export --db traffic.db [--pid ID]",
+                 "### Times on the command line", "`--pid +` watches every pair",
+                 "[--pid ID ...] [--duration SECONDS]", "[--from TIME] [--to TIME]",
+                 "MQbtTDataBase.summary(", "MQbtTDataBase.export_rows(", "mqbtt.export("):
+        assert text in readme, text
+
+
+def test_replay_ctrl_c_while_connecting(tmp_path):
+    """A broker that accepts TCP but never answers: Ctrl-C still ends it at once."""
+    import socket
+    db = make_db(tmp_path / "s.db", [("ss", "log", T0, b"x")])
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(5)
+    try:
+        p = Proc(mqbtt_cmd("replay", "--broker", f"mqtt://127.0.0.1:{silent.getsockname()[1]}",
+                           "--db", db, "--pid", "ss"))
+        conn, _ = silent.accept()        # it is connecting
+        t0 = time.monotonic()
+        p.p.send_signal(signal.SIGINT)
+        assert p.wait(30) == 0
+        assert time.monotonic() - t0 < 5
+        conn.close()
+    finally:
+        silent.close()
+        p.kill()
+    assert p.err == ["mqbtt replay: interrupted before connecting: nothing published"]
