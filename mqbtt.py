@@ -2331,7 +2331,9 @@ def open_recording(path) -> "MQbtTDataBase":
         import sqlite3
         import urllib.parse
         try:
-            con = sqlite3.connect(f"file:{urllib.parse.quote(os.path.abspath(path))}?mode=ro",
+            # bytes: a Linux file name need not be UTF-8; quoted: '?' and '#' are URI syntax
+            uri = urllib.parse.quote(os.fsencode(os.path.abspath(path)))
+            con = sqlite3.connect(f"file:{uri}?mode=ro",
                                   uri=True, timeout=30.0)
             try:
                 found = con.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' "

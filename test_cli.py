@@ -34,7 +34,7 @@ UNREACHABLE = "mqtt://127.0.0.1:1"
 
 def run(*args, timeout=60, **kw):
     return subprocess.run(mqbtt_cmd(*args), cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, **kw)
+                          errors="surrogateescape", timeout=timeout, **kw)
 
 
 def assert_usage_error(r, *needles):
@@ -631,6 +631,17 @@ def test_export_filters(tmp_path):
 def test_export_usage_errors(tmp_path, args, needle):
     db = make_db(tmp_path / "e.db", [("a", "log", T0, b"x")])
     assert_usage_error(run("export", "--db", db, *args), needle)
+
+
+def test_odd_database_file_names(tmp_path):
+    for name in ("we?ird#%20 name.db", os.fsdecode(b"caf\xe9.db")):
+        db = make_db(os.path.join(str(tmp_path), name), [("a", "log", T0, b"x")])
+        r = run("info", "--db", db)
+        assert r.returncode == 0 and "1 pair, 1 message" in r.stdout, r.stderr
+        r = run("export", "--db", db)
+        assert r.returncode == 0 and json.loads(r.stdout)["text"] == "x", r.stderr
+        r = run("replay", "--broker", UNREACHABLE, "--db", db, "--pid", "b")
+        assert_one_line_error(r, "replay", "its pairs: a")
 
 
 def test_export_bad_databases_and_a_closed_pipe(tmp_path):
