@@ -76,6 +76,9 @@ __all__ = [
     # recording and analysis
     "MQbtTRecord", "MQbtTDataBase", "MQbtTDatabase", "Recorder", "record",
     "recorder_client_id", "dump", "format_dump", "replay", "request_reply_pairs",
+    # recordings from the command line: info, export, replay checks
+    "MQbtTNotFound", "open_recording", "replay_plan", "parse_time", "export",
+    "describe_message", "EXPORT_FIELDS", "EXPORT_FORMATS",
     # distribution: zipapp, symlinks and upgrade
     "upgrade", "install_links", "link_names", "run_script", "running_zipapp", "UPGRADE_URL",
     "pip_scripts",
@@ -2172,6 +2175,78 @@ class MQbtTDataBase:
             return [r[0] for r in self._conn.execute(
                 "SELECT DISTINCT pair_id FROM messages ORDER BY pair_id")]
 
+    # -- summaries and export (mqbtt info, mqbtt export) -----------------------
+    def summary(self, pair_id: str | None = None, min_timestamp=None, max_timestamp=None) -> dict:
+        """What the database holds, pair by pair (one ``GROUP BY`` query).
+
+        :param pair_id: only this pair.
+        :param min_timestamp: only messages at or after this time (inclusive).
+        :param max_timestamp: only messages at or before this time (inclusive).
+        :returns: ``{pair_id: {"messages": N, "srv": n, "esp": n, "shr": n,
+          "log": n, "first": datetime, "last": datetime, "first_timestamp": s,
+          "last_timestamp": s}}`` sorted by pair id: the message count per
+          subtopic (0 included) and the times of the first and last message,
+          as UTC datetimes and as seconds since the epoch.  Pairs without a
+          message in the window are absent."""
+        where, params = [], []
+        if pair_id is not None:
+            where.append("pair_id = ?")
+            params.append(pair_id)
+        if min_timestamp is not None:
+            where.append("timestamp >= ?")
+            params.append(_epoch(min_timestamp, "min_timestamp"))
+        if max_timestamp is not None:
+            where.append("timestamp <= ?")
+            params.append(_epoch(max_timestamp, "max_timestamp"))
+        sql = ("SELECT pair_id, subtopic, COUNT(*), MIN(timestamp), MAX(timestamp) FROM messages"
+               + (" WHERE " + " AND ".join(where) if where else "")
+               + " GROUP BY pair_id, subtopic")
+        with self._lock:
+            self._check_open()
+            rows = self._conn.execute(sql, params).fetchall()
+        out = {}
+        for pid, sub, n, first, last in rows:
+            p = out.setdefault(pid, dict({"messages": 0}, **{s: 0 for s in SUBTOPICS},
+                                         first_timestamp=first, last_timestamp=last))
+            p["messages"] += n
+            p[sub] = p.get(sub, 0) + n
+            p["first_timestamp"] = min(p["first_timestamp"], first)
+            p["last_timestamp"] = max(p["last_timestamp"], last)
+        for p in out.values():
+            p["first"], p["last"] = _utc(p["first_timestamp"]), _utc(p["last_timestamp"])
+        return dict(sorted(out.items()))
+
+    def info(self) -> dict:
+        """:meth:`summary` of every pair, with the totals and the file's size.
+
+        :returns: ``{"path": path, "size": bytes, "wal_size": bytes,
+          "messages": N, "pairs": summary()}``; ``size`` is that of the
+          database file (None when the database is not a file), ``wal_size``
+          that of its write-ahead log (0 when there is none)."""
+        pairs = self.summary()
+        size = wal = None
+        if os.path.isfile(self.path):
+            size = os.path.getsize(self.path)
+            wal = os.path.getsize(self.path + "-wal") if os.path.isfile(self.path + "-wal") else 0
+        return {"path": self.path, "size": size, "wal_size": wal,
+                "messages": sum(p["messages"] for p in pairs.values()), "pairs": pairs}
+
+    def export_rows(self, pair_id: str | None = None, subtopic: str | None = None,
+                    min_timestamp=None, max_timestamp=None):
+        """The records (as :meth:`records` selects them) as flat dicts, for
+        JSON lines, CSV or a data frame.
+
+        Each row has ``time`` (ISO 8601, UTC), ``timestamp`` (seconds since
+        the epoch), ``pair_id``, ``subtopic`` and the decoded fields: those of
+        :class:`Request`, :class:`Reply` (``kind`` by name) or :class:`Share`
+        (bytes in hex; its ``time`` field is called ``share_time``), or
+        ``text`` for a log line.  A payload that does not decode gives
+        ``payload`` (hex) and ``error`` instead.
+
+        :returns: a generator; the query runs on first iteration."""
+        for rec in self.records(pair_id, subtopic, min_timestamp, max_timestamp):
+            yield _export_row(rec)
+
     # -- life cycle -------------------------------------------------------------
     def _check_open(self):
         if self._conn is None:
@@ -2260,13 +2335,16 @@ def parse_subtopics(text) -> list:
     return out
 
 
-def recorder_client_id(broker_uri: str, db_path: str) -> str:
+def recorder_client_id(broker_uri: str, db_path: str, pair_ids=()) -> str:
     """The client id ``mqbtt record`` uses: ``mqbtt-rec-`` plus a hash of this
     host and user, the broker and the absolute database path — the same when
     the same recorder is restarted, different for recorders writing
-    different databases."""
+    different databases.  A recorder of some pairs only (*pair_ids*) gets
+    its own id, since a persistent session keeps its subscriptions."""
     import hashlib
     key = f"{_host_tag()}|{BrokerURI.parse(broker_uri)}|{os.path.realpath(os.fspath(db_path))}"
+    if pair_ids:
+        key += "|" + "\x00".join(sorted(set(pair_ids)))
     # surrogateescape: a Linux file name need not be UTF-8
     return "mqbtt-rec-" + hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
@@ -2300,12 +2378,16 @@ class Recorder:
     :param client_id: the MQTT client id (default :func:`recorder_client_id`).
     :param status: a text stream for progress (None: silent).  On a terminal,
       a live status line; otherwise one summary line every *status_interval* s.
+      Each shows this run's count and the database's total.
+    :param pair_ids: record only these pairs (default None: every pair).
+    :param duration: stop by itself after this many seconds of recording
+      (default None: until :meth:`stop`).
     """
 
     def __init__(self, broker_uri: str, db_path: str, exclude=(), client_id: str | None = None, *,
                  batch_size: int = 100, batch_timeout: float = 10.0, window: int = 20,
                  keepalive: int = 60, connect_timeout: float = 10.0, status=None,
-                 status_interval: float = 60.0):
+                 status_interval: float = 60.0, pair_ids=None, duration: float | None = None):
         self.broker = BrokerURI.parse(broker_uri if broker_uri is not None else default_broker())
         excluded = parse_subtopics(exclude)
         self.subtopics = [s for s in SUBTOPICS if s not in excluded]
@@ -2313,8 +2395,11 @@ class Recorder:
             raise ValueError("every subtopic is excluded: nothing to record")
         if not isinstance(window, int) or window < 1:
             raise ValueError(f"window must be a positive integer, not {window!r}")
+        self.pair_ids = _record_pair_ids(pair_ids)
+        self.duration = _positive_seconds(duration, "duration")
         self.db_path = os.fspath(db_path)
-        self.client_id = client_id or recorder_client_id(str(self.broker), self.db_path)
+        self.client_id = client_id or recorder_client_id(str(self.broker), self.db_path,
+                                                         self.pair_ids or ())
         self.batch_size = batch_size
         self.batch_timeout = batch_timeout
         self.window = window
@@ -2330,11 +2415,18 @@ class Recorder:
         self._stopping = False
         self._conn = None
         self._db = MQbtTDataBase(self.db_path, batch_size, batch_timeout)
+        #: messages the database held when the recorder started
+        self.db_total_before = self._db.count()
 
     @property
     def total(self) -> int:
         """Messages stored so far."""
         return sum(self.counts.values())
+
+    @property
+    def db_total(self) -> int:
+        """Messages in the database: those it held at the start plus this run's."""
+        return self.db_total_before + self.total
 
     def _on_message(self, client, userdata, msg):
         # network thread: enqueue only (never raises, never blocks)
@@ -2355,13 +2447,14 @@ class Recorder:
           broker later refuses the credentials (after committing what came).
         :raises MQbtTError: if the database cannot be written (nothing
           uncommitted is acknowledged, so the broker keeps it)."""
-        subs = [(f"mqbtt/+/{s}", min(SUBTOPICS[s], 1)) for s in self.subtopics]
+        subs = [(topic(p, s), min(SUBTOPICS[s], 1)) for p in (self.pair_ids or ["+"])
+                for s in self.subtopics]
         self._conn = _Connection(self.broker, self.client_id, False, subs, self._on_message,
                                  self.keepalive, notify=self._say, manual_ack=True,
                                  on_fatal=lambda err: self.stop())
         try:
             self._conn.start(self.connect_timeout)
-            self._say(f"recording {', '.join('mqbtt/+/' + s for s in self.subtopics)} "
+            self._say(f"recording {', '.join(t for t, _ in subs)} "
                       f"from {self.broker} into {self.db_path} (client id {self.client_id})",
                       line=True)
             self._loop()
@@ -2373,7 +2466,8 @@ class Recorder:
         self._close_db()
         if self._conn.error is not None:   # credentials refused on a reconnect: stored, then fail
             raise self._conn.error
-        self._say(f"stopped: {self.total} messages recorded ({self._per_subtopic()})", line=True)
+        self._say(f"stopped: {self.total} messages recorded ({self._per_subtopic()}), "
+                  f"{self.db_total} in the database", line=True)
         return self.total
 
     def _close_db(self):
@@ -2387,7 +2481,11 @@ class Recorder:
         interval = 0.5 if tty else self.status_interval
         last_status = time.monotonic()
         last_total = 0
+        deadline = None if self.duration is None else time.monotonic() + self.duration
         while not self._stopping:
+            if deadline is not None and time.monotonic() >= deadline:
+                self._stopping = True   # as stop(): what arrives now stays unacknowledged
+                break
             try:
                 first = self._queue.get(timeout=0.2)
             except Empty:
@@ -2400,7 +2498,8 @@ class Recorder:
                 last_status, last_total = now, self.total
                 state = "" if self._conn.connected else " [disconnected]"
                 self._say(f"{self.total} messages recorded, {rate:.1f}/s "
-                          f"({self._per_subtopic()}){state}", line=not tty)
+                          f"({self._per_subtopic()}), {self.db_total} in the database{state}",
+                          line=not tty)
         # stop requested: on_message no longer enqueues; store what is queued
         while True:
             try:
@@ -2434,11 +2533,13 @@ class Recorder:
         rows = []
         for gen, mid, qos, t, payload, ts in batch:
             where = _parse_topic(t)
-            if where is not None and where[1] in self.counts:
+            if where is not None and where[1] in self.counts and (
+                    self.pair_ids is None or where[0] in self.pair_ids):
                 rows.append((ts, where[0], where[1], payload))
                 stored.append(where[1])
         try:
-            self._db._insert_many(rows)
+            if rows:   # none when every message of the batch is left out
+                self._db._insert_many(rows)
         except sqlite3.Error as err:
             raise MQbtTError(f"cannot write to the database {self.db_path!r}: {err}") from None
         self.commits += 1
@@ -2487,7 +2588,8 @@ def record(broker_uri: str, db_path: str, exclude=(), client_id: str | None = No
 
 
 #: what each ``mqbtt dump --mode`` receives
-DUMP_MODES = {"log": ["log"], "miner": ["srv"], "optimizer": ["esp", "shr"]}
+DUMP_MODES = {"log": ["log"], "miner": ["srv"], "optimizer": ["esp", "shr"],
+              "all": ["srv", "esp", "shr", "log"]}
 
 
 def _jsonable(message):
@@ -2507,9 +2609,15 @@ def _jsonable(message):
 
 
 def format_dump(ts: float, subtopic: str, payload: bytes, rtt: float | None = None,
-                as_json: bool = False, pair_id: str | None = None) -> str:
+                as_json: bool = False, pair_id: str | None = None, *,
+                name_pair: bool = False) -> str:
     """One ``mqbtt dump`` output line (without newline) for a message
-    received at *ts* (seconds since the epoch)."""
+    received at *ts* (seconds since the epoch).
+
+    JSON lines carry ``pair_id`` and ``topic`` when *pair_id* is given, and
+    every field of the message.  Text lines show a Share readably (see
+    :func:`describe_message`); with *name_pair* they name the pair as
+    ``<pair_id>/<subtopic>`` instead of ``<subtopic>``."""
     import datetime
     when = datetime.datetime.fromtimestamp(ts).astimezone()
     try:
@@ -2522,6 +2630,7 @@ def format_dump(ts: float, subtopic: str, payload: bytes, rtt: float | None = No
         obj = {"time": when.isoformat(timespec="milliseconds"), "timestamp": ts}
         if pair_id is not None:
             obj["pair_id"] = pair_id
+            obj["topic"] = topic(pair_id, subtopic)
         obj["subtopic"] = subtopic
         obj["type"] = None if message is None else (
             "log" if subtopic == "log" else type(message).__name__)
@@ -2543,33 +2652,40 @@ def format_dump(ts: float, subtopic: str, payload: bytes, rtt: float | None = No
     elif subtopic == "log":
         # one line per message: no terminal escapes or line breaks from the wire
         text = safe_text(message, strip_ansi=False)
+    elif subtopic == "shr":
+        text = describe_message(message)
     else:
         text = repr(message)
     if rtt is not None:
         text += f"  rtt={rtt * 1000:.1f} ms"
+    if name_pair and pair_id is not None:
+        return f"{stamp} {_show_pair(pair_id)}/{subtopic} {text}"
     return f"{stamp} {subtopic} {text}"
 
 
 def dump(broker_uri: str, pair_id: str, mode: str, out=None, as_json: bool = False,
          count: int | None = None, keepalive: int = 60, connect_timeout: float = 10.0,
-         ready=None) -> int:
+         ready=None, *, duration: float | None = None) -> int:
     """Print what a role of a pair would receive, one line per message,
     flushed after every line (see :func:`format_dump`).
 
     *mode* ``log`` receives ``log``, ``miner`` receives ``srv``,
-    ``optimizer`` receives ``esp`` and ``shr``; in optimizer mode dump also
-    listens to ``srv`` (without printing it) to show each reply's round-trip
-    time from the request it answers: the one with the reply's
-    ``request_id``, or for a reply without id the latest unanswered request.
+    ``optimizer`` receives ``esp`` and ``shr``, ``all`` receives all four; in
+    optimizer mode dump also listens to ``srv`` (without printing it) to show
+    each reply's round-trip time from the request it answers: the one with
+    the reply's ``request_id``, or for a reply without id the latest
+    unanswered request of its pair (``all`` shows it too).  *pair_id* ``"+"``
+    watches every pair: text lines then name the pair; JSON lines always do.
     It subscribes at QoS 1 (receive times are those of the PUBLISH packets).  It uses a random client id and
     a clean session, so it never kicks the real optimizer or miner off the
     broker and leaves nothing behind.  Returns after *count* messages (never
-    if None) with the number printed; *ready* (a callable) is called once
-    subscribed.
+    if None), or *duration* seconds after subscribing, with the number
+    printed; *ready* (a callable) is called once subscribed.
     """
     if mode not in DUMP_MODES:
-        raise ValueError(f"unknown mode {mode!r} (expected log, miner or optimizer)")
-    check_pair_id(pair_id)
+        raise ValueError(f"unknown mode {mode!r} (expected log, miner, optimizer or all)")
+    if pair_id != "+":   # "+": every pair
+        check_pair_id(pair_id)
     out = out or sys.stdout
     broker = BrokerURI.parse(broker_uri if broker_uri is not None else default_broker())
     shown = DUMP_MODES[mode]
@@ -2586,29 +2702,37 @@ def dump(broker_uri: str, pair_id: str, mode: str, out=None, as_json: bool = Fal
     conn = _Connection(broker, f"mqbtt-dump-{os.urandom(6).hex()}", True, subs, on_message, keepalive)
     conn.start(connect_timeout)
     n = 0
-    pairing = _Pairing()
+    pairings = {}   # pair id -> its _Pairing (at most 10,000 pairs: the oldest goes)
     try:
         if ready is not None:
             ready()
+        deadline = None if duration is None else time.monotonic() + duration
         while count is None or n < count:
+            wait = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
+            if wait <= 0:
+                break
             try:
-                ts, t, payload = q.get(timeout=0.5)
+                ts, t, payload = q.get(timeout=wait)
             except Empty:
                 continue
             where = _parse_topic(t)
             if where is None:
                 continue
-            sub = where[1]
+            pid, sub = where
             rtt = None
-            if mode == "optimizer":
+            if mode in ("optimizer", "all"):
                 if sub == "srv":
-                    pairing.request(ts, _payload_request_id(sub, payload))
-                    continue
-                if sub == "esp":
-                    sent = pairing.reply(_payload_request_id(sub, payload))
+                    if pid not in pairings and len(pairings) >= 10000:
+                        del pairings[next(iter(pairings))]
+                    pairings.setdefault(pid, _Pairing()).request(ts, _payload_request_id(sub, payload))
+                    if mode == "optimizer":
+                        continue
+                elif sub == "esp" and pid in pairings:
+                    sent = pairings[pid].reply(_payload_request_id(sub, payload))
                     if sent is not None:
                         rtt = ts - sent
-            print(format_dump(ts, sub, payload, rtt, as_json), file=out, flush=True)
+            print(format_dump(ts, sub, payload, rtt, as_json, pid, name_pair=pair_id == "+"),
+                  file=out, flush=True)
             n += 1
     finally:
         conn.stop()
@@ -2618,7 +2742,7 @@ def dump(broker_uri: str, pair_id: str, mode: str, out=None, as_json: bool = Fal
 def replay(db_path: str, broker_uri: str, pair_id: str, to_pid: str | None = None,
            speed: float = 1.0, *, min_timestamp=None, max_timestamp=None,
            keepalive: int = 60, connect_timeout: float = 10.0, send_timeout: float = 60.0,
-           connected=None) -> int:
+           connected=None, progress=None, stop=None) -> int:
     """Republish a recorded pair's messages with their original timing.
 
     The messages of *pair_id* in *db_path* (optionally between *min_timestamp*
@@ -2628,13 +2752,24 @@ def replay(db_path: str, broker_uri: str, pair_id: str, to_pid: str | None = Non
     fast as possible).  Returns the number of messages published, once the
     broker acknowledged all of them.  *connected*, if given, is called once
     the broker accepted the connection.
+
+    The database and the pair are checked before connecting: a missing
+    database, a pair it does not hold, or a time window with none of the
+    pair's messages raise :class:`MQbtTNotFound` (see :func:`replay_plan`).
+    *progress*, if given, is called after each message as
+    ``progress(published, total, eta_seconds)``.  *stop*, a
+    :class:`threading.Event`, ends the replay early when set (from a signal
+    handler or another thread): it returns at once with the number published
+    so far, without waiting for outstanding acknowledgements.
     """
     if not isinstance(speed, (int, float)) or speed < 0:
         raise ValueError(f"speed must be a non-negative number, not {speed!r}")
     check_pair_id(pair_id)
     to_pid = check_pair_id(to_pid or pair_id)
-    if not os.path.exists(db_path):
-        raise MQbtTError(f"no such database: {db_path}")
+    plan = replay_plan(db_path, pair_id, min_timestamp, max_timestamp)
+    total, t_last = plan["messages"], plan["last_timestamp"]
+    if max_timestamp is None:   # what was counted, even if a recorder adds more meanwhile
+        max_timestamp = t_last
     broker = BrokerURI.parse(broker_uri if broker_uri is not None else default_broker())
     conn = _Connection(broker, f"mqbtt-replay-{os.urandom(6).hex()}", True, [], None, keepalive)
     conn.start(connect_timeout)
@@ -2644,9 +2779,13 @@ def replay(db_path: str, broker_uri: str, pair_id: str, to_pid: str | None = Non
     pending = deque()
 
     def wait(info):
-        if not _wait_published(info, send_timeout):
-            raise MQbtTSendTimeout(f"the broker {broker} did not acknowledge a replayed "
-                                   f"message within {send_timeout:g} s")
+        deadline = time.monotonic() + send_timeout
+        while not _wait_published(info, 0.2 if stop is not None else send_timeout):
+            if stop is not None and stop.is_set():
+                return
+            if time.monotonic() >= deadline:
+                raise MQbtTSendTimeout(f"the broker {broker} did not acknowledge a replayed "
+                                       f"message within {send_timeout:g} s")
 
     try:
         with MQbtTDataBase(db_path) as db:
@@ -2659,7 +2798,12 @@ def replay(db_path: str, broker_uri: str, pair_id: str, to_pid: str | None = Non
                 elif speed > 0:
                     delay = m0 + (ts - t0) / speed - time.monotonic()
                     if delay > 0:
-                        time.sleep(delay)
+                        if stop is not None:
+                            stop.wait(delay)
+                        else:
+                            time.sleep(delay)
+                if stop is not None and stop.is_set():
+                    break
                 qos = SUBTOPICS[rec.subtopic]
                 if len(pending) >= MQbtTBase.max_pending:   # paho's ids are 16-bit
                     wait(pending.popleft())
@@ -2668,6 +2812,12 @@ def replay(db_path: str, broker_uri: str, pair_id: str, to_pid: str | None = Non
                     raise MQbtTSendError("cannot replay: too many messages wait for the "
                                          "broker's acknowledgement")
                 n += 1
+                if progress is not None:
+                    if speed > 0:
+                        eta = (t_last - ts) / speed
+                    else:
+                        eta = (time.monotonic() - m0) / n * (total - n)
+                    progress(n, total, max(0.0, eta))
                 if qos == 2:
                     # the broker forwards a QoS 2 message only on PUBREL: without
                     # this wait a following QoS 1 message could overtake it
@@ -2676,7 +2826,7 @@ def replay(db_path: str, broker_uri: str, pair_id: str, to_pid: str | None = Non
                     pending.append(info)
                     while pending and pending[0]._published:
                         pending.popleft()
-        while pending:
+        while pending and not (stop is not None and stop.is_set()):
             wait(pending.popleft())
     finally:
         conn.stop()
@@ -2835,6 +2985,311 @@ def _deadline_passed(err) -> bool:
     """Whether the requests error *err* comes from a total deadline (or is a timeout)."""
     import requests
     return bool(getattr(err, "mqbtt_deadline", False)) or isinstance(err, requests.Timeout)
+
+
+###############################################################################
+# Recordings from the command line: info, export, replay checks ##############
+###############################################################################
+
+class MQbtTNotFound(MQbtTError, LookupError):
+    """A database file, or a pair or time window in it, does not exist (the
+    command line reports it as a usage error, exit status 2)."""
+
+
+def _show_pair(pair_id: str) -> str:
+    """A pair id as one printable word: quoted, with escapes, when it holds
+    spaces or control characters (a recorded topic can hold anything)."""
+    if pair_id and pair_id.isprintable() and not any(c.isspace() for c in pair_id):
+        return pair_id
+    return repr(pair_id)
+
+
+def describe_message(message) -> str:
+    """A compact one-line form of a message, as ``mqbtt dump`` shows shares:
+    ``Share(version=536870912, prev_block=00…1f, nonce=3320249384, diff=1636.0)``.
+
+    Kind by name, bytes in hex, text quoted (control characters escaped), and
+    fields that are zero, empty or false left out.  ``--json`` (and
+    :func:`format_dump` with ``as_json=True``) keeps every field."""
+    if not dataclasses.is_dataclass(message):
+        return repr(message)
+    parts = []
+    for f in dataclasses.fields(message):
+        v = getattr(message, f.name)
+        if not v:
+            continue
+        if isinstance(v, enum.Enum):
+            text = v.name
+        elif isinstance(v, bytes):
+            text = v.hex()
+        else:
+            text = repr(v)
+        parts.append(f"{f.name}={text}")
+    return f"{type(message).__name__}({', '.join(parts)})"
+
+
+def _positive_seconds(value, name):
+    """*value* (None or a positive, finite number of seconds), else ValueError."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not 0 < value < float("inf"):
+        raise ValueError(f"{name} must be a positive number of seconds, not {value!r}")
+    return float(value)
+
+
+def _record_pair_ids(pair_ids):
+    """The checked, sorted, distinct pair ids of ``Recorder(pair_ids=…)``, or None."""
+    if pair_ids is None:
+        return None
+    if isinstance(pair_ids, str):
+        pair_ids = [pair_ids]
+    out = sorted({check_pair_id(p) for p in pair_ids})
+    if not out:
+        raise ValueError("pair_ids is empty: nothing to record (None records every pair)")
+    return out
+
+
+_ISO_TIME = (r"\d{4}-\d\d-\d\d(?:[T ]\d\d:\d\d(?::\d\d(?:[.,]\d{1,9})?)?"
+             r"(?:[Zz]|[+-]\d\d(?::?\d\d)?)?)?")
+
+
+def parse_time(text) -> float:
+    """Seconds since the epoch of a time given on the command line.
+
+    Accepted: seconds since the epoch (``1764581234``, ``1764581234.25``)
+    or ISO 8601 — ``2026-12-01``, ``2026-12-01T10:00``,
+    ``2026-12-01 10:00:00.5``, each optionally followed by ``Z`` or an offset
+    (``+01:00``, ``+0100``, ``-05``).  A time without ``Z`` or offset is local
+    time (as a naive datetime is everywhere in mqbtt).
+
+    :raises ValueError: for anything else (also NaN, infinities and dates
+      outside years 1–9999)."""
+    import datetime
+    import re
+    s = str(text).strip()
+    if re.fullmatch(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?", s):
+        value = float(s)
+        try:
+            datetime.datetime.fromtimestamp(value, datetime.timezone.utc)
+        except (OverflowError, OSError, ValueError):
+            raise ValueError(f"invalid time {text!r}: out of range") from None
+        return value
+    if not re.fullmatch(_ISO_TIME, s):
+        raise ValueError(f"invalid time {text!r}: expected ISO 8601 (2026-12-01T10:00:00Z, "
+                         f"local time without Z or offset) or seconds since the epoch")
+    iso = s[:-1] + "+00:00" if s[-1] in "Zz" else s
+    m = re.search(r"([+-])(\d\d):?(\d\d)?$", iso) if len(iso) > 10 else None
+    if m:   # Python 3.10 wants +HH:MM
+        iso = iso[:m.start()] + f"{m.group(1)}{m.group(2)}:{m.group(3) or '00'}"
+    frac = re.search(r"[.,](\d+)", iso)
+    if frac:  # at most microseconds (3.10 wants 3 or 6 digits)
+        iso = iso[:frac.start()] + "." + frac.group(1)[:6].ljust(6, "0") + iso[frac.end():]
+    try:
+        when = datetime.datetime.fromisoformat(iso)
+        return when.timestamp()
+    except (ValueError, OverflowError, OSError) as err:
+        raise ValueError(f"invalid time {text!r}: {err}") from None
+
+
+def open_recording(path) -> "MQbtTDataBase":
+    """Open an existing recording (never creating one), for reading.
+
+    :raises MQbtTNotFound: if *path* does not exist, is a directory, is not
+      a SQLite database, or holds no ``messages`` table.  A database that is
+      not a file (a ``scheme://`` URL) is passed to :class:`MQbtTDataBase`
+      as it is."""
+    path = os.fspath(path)
+    if "://" not in path:
+        if not os.path.exists(path):
+            raise MQbtTNotFound(f"no such database: {path}")
+        if os.path.isdir(path):
+            raise MQbtTNotFound(f"{path} is a directory, not a database")
+        try:
+            with open(path, "rb") as f:
+                head = f.read(16)
+        except OSError as err:
+            raise MQbtTNotFound(f"cannot read the database {path}: {err.strerror or err}") from None
+        if head != b"SQLite format 3\x00":
+            raise MQbtTNotFound(f"{path} is not a recording (not an SQLite database)")
+        import sqlite3
+        import urllib.parse
+        try:
+            # bytes: a Linux file name need not be UTF-8; quoted: '?' and '#' are URI syntax
+            uri = urllib.parse.quote(os.fsencode(os.path.abspath(path)))
+            con = sqlite3.connect(f"file:{uri}?mode=ro",
+                                  uri=True, timeout=30.0)
+            try:
+                found = con.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' "
+                                    "AND name = 'messages'").fetchone()
+            finally:
+                con.close()
+        except sqlite3.Error as err:
+            raise MQbtTNotFound(f"{path} is not a recording ({err})") from None
+        if not found:
+            raise MQbtTNotFound(f"{path} is not a recording (no messages table)")
+    return MQbtTDataBase(path)
+
+
+def _list_pairs(pairs, limit: int = 20) -> str:
+    if not pairs:
+        return "it holds no messages"
+    shown = ", ".join(_show_pair(p) for p in pairs[:limit])
+    more = f" and {len(pairs) - limit} more" if len(pairs) > limit else ""
+    return f"its pairs: {shown}{more}"
+
+
+def replay_plan(db_path: str, pair_id: str, min_timestamp=None, max_timestamp=None) -> dict:
+    """Check what :func:`replay` would publish, without connecting.
+
+    :returns: the pair's :meth:`MQbtTDataBase.summary` entry for the window
+      (``messages``, per-subtopic counts, ``first``, ``last``, …).
+    :raises MQbtTNotFound: if the database does not exist or is not a
+      recording, if it has no message of *pair_id* (the message lists the
+      pairs it has), or none in the window (the message gives the pair's
+      first and last time)."""
+    with open_recording(db_path) as db:
+        found = db.summary(pair_id, min_timestamp, max_timestamp).get(pair_id)
+        if found is not None:
+            return found
+        whole = db.summary(pair_id).get(pair_id)
+        if whole is None:
+            raise MQbtTNotFound(f"no pair {_show_pair(pair_id)} in {db_path}; "
+                                f"{_list_pairs(db.pair_ids())}")
+        lo = "the start" if min_timestamp is None else _iso_utc(_epoch(min_timestamp))
+        hi = "the end" if max_timestamp is None else _iso_utc(_epoch(max_timestamp))
+        raise MQbtTNotFound(f"pair {_show_pair(pair_id)} has no messages between {lo} and {hi} "
+                            f"in {db_path}; its messages go from {_iso_utc(whole['first_timestamp'])} "
+                            f"to {_iso_utc(whole['last_timestamp'])}")
+
+
+def _iso_utc(ts: float) -> str:
+    """ISO 8601 in UTC with microseconds: ``2026-12-01T10:00:00.250000+00:00``."""
+    return _utc(ts).isoformat(timespec="microseconds")
+
+
+def _export_columns(cls, renames=None):
+    return [(f.name, (renames or {}).get(f.name, f.name)) for f in dataclasses.fields(cls)]
+
+
+# (attribute, column) of each decoded subtopic; Share's ``time`` would clash
+# with the row's own time
+_EXPORT_ATTRS = {"srv": _export_columns(Request), "esp": _export_columns(Reply),
+                 "shr": _export_columns(Share, {"time": "share_time"})}
+
+#: the columns of each subtopic in :meth:`MQbtTDataBase.export_rows`
+EXPORT_FIELDS = {sub: [col for _, col in attrs] for sub, attrs in _EXPORT_ATTRS.items()}
+EXPORT_FIELDS["log"] = ["text"]
+
+#: the export formats of :func:`export`
+EXPORT_FORMATS = ("jsonl", "csv")
+
+_iso_cache = [None, ""]   # [whole second, its ISO 8601 text]
+
+
+def _iso_utc_fast(ts: float) -> str:
+    """:func:`_iso_utc`, formatting each second once (exports are dense in time)."""
+    sec = int(ts // 1)
+    us = int(round((ts - sec) * 1e6))
+    if us >= 1000000:
+        sec, us = sec + 1, us - 1000000
+    if _iso_cache[0] != sec:
+        _iso_cache[1] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+        _iso_cache[0] = sec
+    return f"{_iso_cache[1]}.{us:06d}+00:00"
+
+
+def _export_row(rec) -> dict:
+    ts = rec.__dict__.get("_ts")
+    if ts is None:
+        ts = rec.timestamp.timestamp()
+    sub = rec.subtopic
+    row = {"time": _iso_utc_fast(ts), "timestamp": ts, "pair_id": rec.pair_id, "subtopic": sub}
+    message = rec.message
+    if message is None:
+        row["payload"] = bytes(rec.payload).hex()
+        try:
+            decode(sub, rec.payload)
+            row["error"] = "does not decode"
+        except Exception as err:
+            row["error"] = str(err)
+    elif sub == "log":
+        row["text"] = message
+    else:
+        # a received Share reads its fields straight from the parsed protobuf
+        src = message.__dict__.get("_pbmsg")
+        if src is None:
+            src = message
+        for attr, col in _EXPORT_ATTRS[sub]:
+            v = getattr(src, attr)
+            if v.__class__ is bytes:
+                v = v.hex()
+            elif isinstance(v, enum.Enum):
+                v = v.name
+            row[col] = v
+    return row
+
+
+def export(db_path: str, out=None, format: str = "jsonl", *, pair_id: str | None = None,
+           subtopic: str | None = None, min_timestamp=None, max_timestamp=None) -> int:
+    """Write the decoded records of a recording to *out* (default stdout).
+
+    :param format: ``jsonl`` (one JSON object per line; a float that JSON
+      cannot hold, NaN or infinity, is written as a string) or ``csv`` (a
+      header, then one line per record: ``time, timestamp, pair_id,
+      subtopic``, the columns of the subtopics exported — see
+      :data:`EXPORT_FIELDS` — and ``payload, error``; booleans as
+      ``true``/``false``).
+    :param pair_id, subtopic, min_timestamp, max_timestamp: filters, as for
+      :meth:`MQbtTDataBase.records`.
+    :returns: the number of rows written.  Rows are streamed: memory stays
+      flat on any database size.
+    :raises MQbtTNotFound: as :func:`open_recording`.
+    :raises ValueError: for an unknown format or subtopic."""
+    if format not in EXPORT_FORMATS:
+        raise ValueError(f"unknown format {format!r} (expected jsonl or csv)")
+    if subtopic is not None and subtopic not in SUBTOPICS:
+        raise ValueError(f"unknown subtopic {subtopic!r} (expected one of esp, log, shr, srv)")
+    import json
+    out = out or sys.stdout
+    n = 0
+    with open_recording(db_path) as db:
+        rows = db.export_rows(pair_id, subtopic, min_timestamp, max_timestamp)
+        if format == "jsonl":
+            import re
+            encode = json.JSONEncoder(ensure_ascii=False, allow_nan=False).encode
+            unsafe_chars = re.compile("[\x7f-\x9f\u2028\u2029]")
+            unsafe, escape = unsafe_chars.search, unsafe_chars.sub
+            for row in rows:
+                try:
+                    line = encode(row)
+                except ValueError:   # NaN or infinity: as text
+                    line = encode({k: _json_float(v) for k, v in row.items()})
+                if unsafe(line):   # C1 controls, DEL, U+2028/9: escaped, as JSON allows
+                    line = escape(lambda m: f"\\u{ord(m.group()):04x}", line)
+                out.write(line + "\n")
+                n += 1
+        else:
+            import csv
+            columns = ["time", "timestamp", "pair_id", "subtopic"]
+            for sub in ([subtopic] if subtopic else SUBTOPICS):
+                columns += EXPORT_FIELDS[sub]
+            columns += ["payload", "error"]
+            writer = csv.writer(out, lineterminator="\n")
+            writer.writerow(columns)
+            for row in rows:
+                values = [row.get(c, "") for c in columns]
+                writer.writerow([("true" if v else "false") if v.__class__ is bool else v
+                                 for v in values])
+                n += 1
+    out.flush()
+    return n
+
+
+def _json_float(v):
+    if isinstance(v, float) and (v != v or v in (float("inf"), float("-inf"))):
+        return str(v)
+    return v
 
 
 ###############################################################################
@@ -4907,6 +5362,8 @@ COMMANDS = {
     "dump": "print the traffic a role of a pair would receive",
     "record": "record the traffic of every pair in a SQLite database",
     "replay": "republish a recorded pair's traffic with its original timing",
+    "info": "summarise a recording: its pairs, message counts and times",
+    "export": "write a recording's decoded messages as JSON lines or CSV",
     "echo": "fake miner answering every request (for testing optimizers)",
     "upgrade": "upgrade this mqbtt.pyz to the latest release",
     "restart": "restart an AxeOS miner and log the event to OpenObserve",
@@ -4990,12 +5447,17 @@ def _cmd_echo(argv):
 def _cmd_dump(argv):
     p = _parser("dump")
     _add_broker(p)
-    p.add_argument("--pid", metavar="TEXT", required=True, type=_pid_arg, help="Pair id [required]")
+    p.add_argument("--pid", metavar="TEXT", required=True, type=_dump_pid_arg,
+                   help="Pair id [required]; + watches every pair")
     p.add_argument("--mode", choices=list(DUMP_MODES), default="optimizer",
                    help="Operation mode: log (log lines), miner (requests), optimizer "
-                        "(replies with their round-trip time, and shares); default: optimizer")
+                        "(replies with their round-trip time, and shares), all (the four "
+                        "subtopics); default: optimizer")
     p.add_argument("--json", action="store_true", help="print one JSON object per line")
     p.add_argument("--count", type=int, metavar="N", help="exit after N messages")
+    p.add_argument("--duration", metavar="SECONDS", type=_seconds,
+                   help="exit after SECONDS (like mosquitto_sub -W; exit status 27 if "
+                        "--count was given and not reached)")
     a = p.parse_args(argv)
     if a.count is not None and a.count < 1:
         p.error("--count must be positive")
@@ -5005,7 +5467,12 @@ def _cmd_dump(argv):
         print(f"mqbtt dump: listening to {what} on {BrokerURI.parse(a.broker)} (Ctrl-C to stop)",
               file=sys.stderr, flush=True)
 
-    dump(a.broker, a.pid, a.mode, as_json=a.json, count=a.count, ready=ready)
+    n = dump(a.broker, a.pid, a.mode, as_json=a.json, count=a.count, ready=ready,
+             duration=a.duration)
+    if a.count is not None and n < a.count:   # --duration ran out first
+        print(f"mqbtt dump: timed out after {a.duration:g} s ({n} of {a.count} messages)",
+              file=sys.stderr, flush=True)
+        return 27
     return 0
 
 
@@ -5019,6 +5486,10 @@ def _cmd_record(argv):
     p.add_argument("--client-id", metavar="ID",
                    help="MQTT client id (default: derived from this host, the broker and the "
                         "absolute database path, so a restarted recorder gets back its session)")
+    p.add_argument("--pid", metavar="ID", action="append", type=_pid_arg, dest="pids",
+                   help="record only this pair (repeat for several; default: every pair)")
+    p.add_argument("--duration", metavar="SECONDS", type=_seconds,
+                   help="stop after SECONDS (default: run until Ctrl-C or SIGTERM)")
     a = p.parse_args(argv)
     try:
         exclude = parse_subtopics(a.exclude)
@@ -5028,7 +5499,8 @@ def _cmd_record(argv):
         p.error("--exclude: every subtopic is excluded, nothing to record")
     if a.client_id is not None and not a.client_id.strip():
         p.error("--client-id must not be empty")
-    record(a.broker, a.db, exclude=exclude, client_id=a.client_id, status=sys.stderr)
+    record(a.broker, a.db, exclude=exclude, client_id=a.client_id, status=sys.stderr,
+           pair_ids=a.pids, duration=a.duration)
     return 0
 
 
@@ -5042,14 +5514,170 @@ def _cmd_replay(argv):
                    help="publish as this pair id (default: --pid)")
     p.add_argument("--speed", metavar="X", type=float, default=1.0,
                    help="divide the recorded gaps by X (default 1; 0: as fast as possible)")
+    _add_time_window(p)
     a = p.parse_args(argv)
     if not a.speed >= 0 or a.speed == float("inf"):
         p.error("--speed must be a non-negative number")
+    _check_time_window(p, a)
     to = a.to_pid or a.pid
-    n = replay(a.db, a.broker, a.pid, a.to_pid, a.speed, connected=lambda: print(
-        f"mqbtt replay: publishing pair {a.pid!r} of {a.db} as {to!r} at speed {a.speed:g}",
-        file=sys.stderr, flush=True))
-    print(f"mqbtt replay: {n} messages published", file=sys.stderr, flush=True)
+    return _replay_cli(a, to)
+
+
+def _dump_pid_arg(text):
+    """argparse type of ``mqbtt dump --pid``: a pair id, or ``+`` for every pair."""
+    return text if text == "+" else _pid_arg(text)
+
+
+def _time_arg(text):
+    """argparse type: a time (see :func:`parse_time`)."""
+    import argparse
+    try:
+        return parse_time(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _add_time_window(p):
+    p.add_argument("--from", metavar="TIME", type=_time_arg, dest="from_",
+                   help="only messages at or after TIME: ISO 8601 (2026-12-01T10:00:00Z; local "
+                        "time without Z or offset) or seconds since the epoch")
+    p.add_argument("--to", metavar="TIME", type=_time_arg,
+                   help="only messages at or before TIME (same forms as --from)")
+
+
+def _check_time_window(p, a):
+    if a.from_ is not None and a.to is not None and a.from_ > a.to:
+        p.error(f"--from ({_iso_utc(a.from_)}) is after --to ({_iso_utc(a.to)})")
+
+
+def _fail(cmd, err) -> int:
+    """One line on stderr for a usage error found after parsing (exit status 2)."""
+    print(f"mqbtt {cmd}: error: {err}", file=sys.stderr, flush=True)
+    return 2
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(seconds + 0.5)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def _replay_cli(a, to) -> int:
+    """``mqbtt replay``: the checks, the start line, a progress line with ETA
+    on a terminal, and a summary line at the end, also after Ctrl-C."""
+    tty = sys.stderr.isatty()
+    state = {"n": 0, "total": None, "shown": 0.0}
+    started = time.monotonic()
+
+    import signal
+    stop = threading.Event()
+    old = {}
+
+    def connected():
+        # from now on Ctrl-C and SIGTERM end the replay between two messages,
+        # so that the summary is exact
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            old[sig] = signal.signal(sig, lambda signum, frame: stop.set())
+        state["total"] = plan["messages"]
+        print(f"mqbtt replay: publishing {plan['messages']} messages of pair {_show_pair(a.pid)} "
+              f"of {a.db} ({_iso_utc(plan['first_timestamp'])} to "
+              f"{_iso_utc(plan['last_timestamp'])}) as {_show_pair(to)} at speed {a.speed:g}",
+              file=sys.stderr, flush=True)
+
+    def progress(n, total, eta):
+        state["n"] = n
+        now = time.monotonic()
+        if tty and (now - state["shown"] >= 0.2 or n == total):
+            state["shown"] = now
+            sys.stderr.write(f"\r\x1b[Kmqbtt replay: {n}/{total} messages ({100 * n // total}%), "
+                             f"{_hms(now - started)} elapsed, ETA {_hms(eta)}")
+            sys.stderr.flush()
+
+    try:
+        plan = replay_plan(a.db, a.pid, a.from_, a.to)
+    except MQbtTNotFound as err:
+        return _fail("replay", err)
+    try:
+        n = replay(a.db, a.broker, a.pid, a.to_pid, a.speed, min_timestamp=a.from_,
+                   max_timestamp=a.to, connected=connected, progress=progress, stop=stop)
+    except MQbtTNotFound as err:   # the database changed in between
+        return _fail("replay", err)
+    except KeyboardInterrupt:      # while connecting
+        print("mqbtt replay: interrupted before connecting: nothing published",
+              file=sys.stderr, flush=True)
+        return 0
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    if tty and state["n"]:
+        sys.stderr.write("\n")
+    if stop.is_set():
+        print(f"mqbtt replay: interrupted after {_hms(time.monotonic() - started)}: "
+              f"{n} of {plan['messages']} messages published", file=sys.stderr, flush=True)
+    else:
+        print(f"mqbtt replay: {n} messages published", file=sys.stderr, flush=True)
+    return 0
+
+
+def _human_size(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def _cmd_info(argv):
+    p = _parser("info")
+    p.add_argument("--db", metavar="PATH", required=True, help="the record database [required]")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    a = p.parse_args(argv)
+    try:
+        db = open_recording(a.db)
+    except MQbtTNotFound as err:
+        return _fail("info", err)
+    with db:
+        info = db.info()
+    if a.json:
+        import json
+        info = dict(info, pairs={pid: {k: (_iso_utc(s[k + "_timestamp"]) if k in ("first", "last")
+                                          else v) for k, v in s.items()}
+                                 for pid, s in info["pairs"].items()})
+        print(json.dumps(info, ensure_ascii=False))
+        return 0
+    size = "" if info["size"] is None else f"{_human_size(info['size'])}, "
+    if info["wal_size"]:
+        size = size[:-2] + f" (+ {_human_size(info['wal_size'])} of write-ahead log), "
+    pairs = info["pairs"]
+    print(f"{a.db}: {size}{len(pairs)} pair{'s' * (len(pairs) != 1)}, "
+          f"{info['messages']} message{'s' * (info['messages'] != 1)}")
+    if pairs:
+        names = {pid: _show_pair(pid) for pid in pairs}
+        w = max(4, *map(len, names.values()))
+        counts = ["messages", *SUBTOPICS]
+        cw = {c: max(len(c), *(len(str(s[c])) for s in pairs.values())) for c in counts}
+        print(f"{'pair':<{w}}  " + "  ".join(f"{c:>{cw[c]}}" for c in counts)
+              + f"  {'first (UTC)':<32}  last (UTC)")
+        for pid, s in pairs.items():
+            print(f"{names[pid]:<{w}}  " + "  ".join(f"{s[c]:>{cw[c]}}" for c in counts)
+                  + f"  {_iso_utc(s['first_timestamp']):<32}  {_iso_utc(s['last_timestamp'])}")
+    return 0
+
+
+def _cmd_export(argv):
+    p = _parser("export")
+    p.add_argument("--db", metavar="PATH", required=True, help="the record database [required]")
+    p.add_argument("--pid", metavar="ID", type=_pid_arg, help="only this pair")
+    p.add_argument("--subtopic", metavar="S", choices=list(SUBTOPICS),
+                   help="only this subtopic (srv, esp, shr or log)")
+    _add_time_window(p)
+    p.add_argument("--format", choices=list(EXPORT_FORMATS), default="jsonl",
+                   help="jsonl (one JSON object per line, the default) or csv")
+    a = p.parse_args(argv)
+    _check_time_window(p, a)
+    try:
+        export(a.db, sys.stdout, a.format, pair_id=a.pid, subtopic=a.subtopic,
+               min_timestamp=a.from_, max_timestamp=a.to)
+    except MQbtTNotFound as err:
+        return _fail("export", err)
     return 0
 
 
@@ -5267,6 +5895,8 @@ _HANDLERS = {
     "dump": _cmd_dump,
     "record": _cmd_record,
     "replay": _cmd_replay,
+    "info": _cmd_info,
+    "export": _cmd_export,
     "echo": _cmd_echo,
     "upgrade": _cmd_upgrade,
     "install-links": _cmd_install_links,

@@ -513,7 +513,7 @@ def test_cli_errors(broker, tmp_path):
     r = run("dump", "--broker", broker.uri, "--pid", "x", "--mode", "boss")
     assert r.returncode == 2
     r = run("replay", "--broker", broker.uri, "--db", str(tmp_path / "none.db"), "--pid", "x")
-    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == \
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == \
         f"mqbtt replay: error: no such database: {tmp_path / 'none.db'}"
     r = run("replay", "--broker", broker.uri, "--db", "x.db", "--pid", "x", "--speed", "-1")
     assert r.returncode == 2
