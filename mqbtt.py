@@ -3273,7 +3273,7 @@ def export(db_path: str, out=None, format: str = "jsonl", *, pair_id: str | None
             import csv
             columns = ["time", "timestamp", "pair_id", "subtopic"]
             for sub in ([subtopic] if subtopic else SUBTOPICS):
-                columns += EXPORT_FIELDS[sub]
+                columns += [c for c in EXPORT_FIELDS[sub] if c not in columns]  # request_id: once
             columns += ["payload", "error"]
             writer = csv.writer(out, lineterminator="\n")
             writer.writerow(columns)
@@ -5275,6 +5275,7 @@ _NEEDS = {
     "restart": ("requests",),
     "wslog": ("websocket",),
     "upgrade": ("requests",),
+    "export": ("google.protobuf",),
     "top": ("paho", "google.protobuf"),
     "exporter": ("paho", "google.protobuf", "prometheus_client"),
 }

@@ -570,6 +570,7 @@ def test_export_jsonl_and_csv(recording):
     r = run("export", "--db", db, "--format", "csv")
     assert r.returncode == 0, r.stderr
     table = list(csv.DictReader(io.StringIO(r.stdout)))
+    assert r.stdout.splitlines()[0].count("request_id") == 1   # Request's and Reply's: one column
     assert len(table) == 20
     assert [t["time"] for t in table] == [x["time"] for x in rows]
     first_srv = next(t for t in table if t["subtopic"] == "srv")
@@ -579,8 +580,9 @@ def test_export_jsonl_and_csv(recording):
     # one subtopic: its columns only
     r = run("export", "--db", db, "--format", "csv", "--subtopic", "esp", "--pid", "g1")
     header, *body = r.stdout.splitlines()
-    assert header == "time,timestamp,pair_id,subtopic,kind,num_shares,new_block,payload,error"
-    assert len(body) == 3 and all(re.search(r",g1,esp,(HELLO|RESULT|RESET|BYE),\d+,(true|false),,$", x)
+    assert header == ("time,timestamp,pair_id,subtopic,kind,num_shares,new_block,request_id,"
+                      "payload,error")
+    assert len(body) == 3 and all(re.search(r",g1,esp,(HELLO|RESULT|RESET|BYE),\d+,(true|false),\d+,,$", x)
                                   for x in body), body
 
 
@@ -692,7 +694,7 @@ def test_parse_time():
 def test_new_commands_have_help_and_links():
     for cmd in ("info", "export"):
         r = run(cmd, "--help")
-        assert r.returncode == 0 and r.stdout.startswith(f"usage: mqbtt_{cmd} ")
+        assert r.returncode == 0 and r.stdout.startswith(f"usage: python3 mqbtt.py {cmd} ")
         assert f"mqbtt_{cmd}" in mqbtt.link_names()
     r = run("dump", "--help")
     assert "+ watches every pair" in r.stdout and "{log,miner,optimizer,all}" in r.stdout
