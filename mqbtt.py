@@ -61,6 +61,8 @@ __all__ = [
     # recording and analysis
     "MQbtTRecord", "MQbtTDataBase", "MQbtTDatabase", "Recorder", "record",
     "recorder_client_id", "dump", "format_dump", "replay", "request_reply_pairs",
+    # PostgreSQL recordings, shared recording, copies
+    "copy", "is_pg_url", "check_share_group", "PG_INSTALL",
     # distribution: zipapp, symlinks and upgrade
     "upgrade", "install_links", "link_names", "run_script", "running_zipapp", "UPGRADE_URL",
     "main",
@@ -1369,6 +1371,18 @@ class MQbtTDataBase:
         self._pending_since = 0.0  # monotonic time of the first of them
         self._timer = None
         self._conn = None
+        #: ``"sqlite"`` or ``"postgresql"`` (a ``postgresql://`` URL; see _PGConnection)
+        self.backend = "sqlite"
+        if is_pg_url(self.path):
+            url, self.path = self.path, _redact_db(self.path)   # never show the password
+            conn = _PGConnection(url, self.path)
+            try:
+                conn.create_schema()
+            except BaseException:
+                conn.close()
+                raise
+            self._conn, self.backend = conn, "postgresql"
+            return
         try:
             conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None,
                                    check_same_thread=False)
@@ -1428,6 +1442,9 @@ class MQbtTDataBase:
         them, with the records inserted before (the recorder's path)."""
         with self._lock:
             self._check_open()
+            if self._pending == 0 and self.backend == "postgresql":
+                self._conn.insert_rows(rows)   # one statement: one round trip, atomic
+                return
             if self._pending == 0:
                 self._conn.execute("BEGIN")
             self._conn.executemany(
@@ -1520,7 +1537,8 @@ class MQbtTDataBase:
 
     def _rows(self, sql, params):
         with self._lock:
-            cur = self._conn.execute(sql, params)
+            # PostgreSQL: a server-side cursor (rows come 1000 at a time)
+            cur = (self._conn.stream if self.backend == "postgresql" else self._conn.execute)(sql, params)
         try:
             while True:
                 with self._lock:
@@ -1640,13 +1658,17 @@ def parse_subtopics(text) -> list:
     return out
 
 
-def recorder_client_id(broker_uri: str, db_path: str) -> str:
+def recorder_client_id(broker_uri: str, db_path: str, share: str | None = None) -> str:
     """The client id ``mqbtt record`` uses: ``mqbtt-rec-`` plus a hash of this
-    host and user, the broker and the absolute database path — the same when
+    host and user, the broker and the absolute database path (a PostgreSQL
+    URL without its password) and the ``--share`` group — the same when
     the same recorder is restarted, different for recorders writing
     different databases."""
     import hashlib
-    key = f"{_host_tag()}|{BrokerURI.parse(broker_uri)}|{os.path.realpath(os.fspath(db_path))}"
+    where = _redact_db(db_path) if is_pg_url(db_path) else os.path.realpath(os.fspath(db_path))
+    key = f"{_host_tag()}|{BrokerURI.parse(broker_uri)}|{where}"
+    if share is not None:
+        key += f"|$share/{share}"
     # surrogateescape: a Linux file name need not be UTF-8
     return "mqbtt-rec-" + hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
@@ -1685,8 +1707,10 @@ class Recorder:
     def __init__(self, broker_uri: str, db_path: str, exclude=(), client_id: str | None = None, *,
                  batch_size: int = 100, batch_timeout: float = 10.0, window: int = 20,
                  keepalive: int = 60, connect_timeout: float = 10.0, status=None,
-                 status_interval: float = 60.0):
+                 status_interval: float = 60.0, share: str | None = None):
         self.broker = BrokerURI.parse(broker_uri if broker_uri is not None else default_broker())
+        #: the shared-subscription group (``$share/<share>/mqbtt/+/<subtopic>``) or None
+        self.share = None if share is None else check_share_group(share)
         excluded = parse_subtopics(exclude)
         self.subtopics = [s for s in SUBTOPICS if s not in excluded]
         if not self.subtopics:
@@ -1694,7 +1718,7 @@ class Recorder:
         if not isinstance(window, int) or window < 1:
             raise ValueError(f"window must be a positive integer, not {window!r}")
         self.db_path = os.fspath(db_path)
-        self.client_id = client_id or recorder_client_id(str(self.broker), self.db_path)
+        self.client_id = client_id or recorder_client_id(str(self.broker), self.db_path, self.share)
         self.batch_size = batch_size
         self.batch_timeout = batch_timeout
         self.window = window
@@ -1710,6 +1734,9 @@ class Recorder:
         self._stopping = False
         self._conn = None
         self._db = MQbtTDataBase(self.db_path, batch_size, batch_timeout)
+        self.db_path = self._db.path   # a PostgreSQL URL without its password
+        if self._db.backend == "postgresql":
+            _claim_recorder(self._db, self.client_id)
 
     @property
     def total(self) -> int:
@@ -1735,13 +1762,13 @@ class Recorder:
           broker later refuses the credentials (after committing what came).
         :raises MQbtTError: if the database cannot be written (nothing
           uncommitted is acknowledged, so the broker keeps it)."""
-        subs = [(f"mqbtt/+/{s}", min(SUBTOPICS[s], 1)) for s in self.subtopics]
+        subs = [(f"{self._prefix}mqbtt/+/{s}", min(SUBTOPICS[s], 1)) for s in self.subtopics]
         self._conn = _Connection(self.broker, self.client_id, False, subs, self._on_message,
                                  self.keepalive, notify=self._say, manual_ack=True,
                                  on_fatal=lambda err: self.stop())
         try:
             self._conn.start(self.connect_timeout)
-            self._say(f"recording {', '.join('mqbtt/+/' + s for s in self.subtopics)} "
+            self._say(f"recording {', '.join(self._prefix + 'mqbtt/+/' + s for s in self.subtopics)} "
                       f"from {self.broker} into {self.db_path} (client id {self.client_id})",
                       line=True)
             self._loop()
@@ -1829,6 +1856,10 @@ class Recorder:
             # reconnect the broker redelivers it anyway (stored twice, not lost)
             if qos > 0 and gen == gen_now:
                 client.ack(mid, qos)
+
+    @property
+    def _prefix(self):
+        return "" if self.share is None else f"$share/{self.share}/"
 
     def _per_subtopic(self):
         return " ".join(f"{s}={n}" for s, n in self.counts.items())
@@ -2005,7 +2036,7 @@ def replay(db_path: str, broker_uri: str, pair_id: str, to_pid: str | None = Non
         raise ValueError(f"speed must be a non-negative number, not {speed!r}")
     check_pair_id(pair_id)
     to_pid = check_pair_id(to_pid or pair_id)
-    if not os.path.exists(db_path):
+    if not is_pg_url(db_path) and not os.path.exists(db_path):
         raise MQbtTError(f"no such database: {db_path}")
     broker = BrokerURI.parse(broker_uri if broker_uri is not None else default_broker())
     conn = _Connection(broker, f"mqbtt-replay-{os.urandom(6).hex()}", True, [], None, keepalive)
@@ -2053,6 +2084,489 @@ def replay(db_path: str, broker_uri: str, pair_id: str, to_pid: str | None = Non
     finally:
         conn.stop()
     return n
+
+
+###############################################################################
+# PostgreSQL: database URLs, backend, shared recording, copy ##################
+###############################################################################
+# MQbtTDataBase talks to SQLite through a sqlite3.Connection.  For a
+# ``postgresql://`` URL it gets a _PGConnection instead: the same calls
+# (``execute(sql, params)`` with ``?`` placeholders, explicit BEGIN/COMMIT,
+# cursors with fetchone/fetchmany/fetchall/lastrowid, ``executemany``,
+# ``close``), so every generic method runs unchanged on both.  What differs
+# lives here: connecting, the placeholder style, the DDL (bigserial, bytea),
+# one-statement inserts, server-side cursors for streaming, COPY for bulk copies.
+
+#: the URL prefixes that name a PostgreSQL database instead of a SQLite file
+PG_SCHEMES = ("postgresql://", "postgres://")
+
+#: what to install for PostgreSQL databases
+PG_INSTALL = "pip install 'psycopg[binary]'"
+
+#: the ``messages`` table on PostgreSQL: the same columns as :data:`_SCHEMA`
+_PG_SCHEMA = """CREATE TABLE IF NOT EXISTS messages (
+    id bigserial PRIMARY KEY,
+    timestamp double precision NOT NULL,
+    pair_id text NOT NULL,
+    subtopic text NOT NULL CHECK (subtopic IN ('esp', 'log', 'shr', 'srv')),
+    message bytea NOT NULL
+)"""
+
+#: where ``mqbtt copy`` remembers how far it copied each source (see :func:`copy`)
+_COPIES_SCHEMA = """CREATE TABLE IF NOT EXISTS mqbtt_copies (
+    source TEXT PRIMARY KEY,
+    last_id BIGINT NOT NULL,
+    copied BIGINT NOT NULL,
+    origin TEXT,
+    updated DOUBLE PRECISION
+)"""
+
+
+def is_pg_url(path) -> bool:
+    """Whether *path* names a PostgreSQL database (``postgresql://…`` or
+    ``postgres://…``) rather than a SQLite file."""
+    return isinstance(path, str) and path[:13].lower().startswith(PG_SCHEMES)
+
+
+def _redact_db(path) -> str:
+    """*path* for display: a PostgreSQL URL with its password (in the user
+    info or as a ``password=`` parameter) replaced by ``***``."""
+    if not is_pg_url(path):
+        return path
+    import re
+    scheme, rest = path.split("://", 1)
+    at = rest.rfind("@")
+    if at >= 0:
+        userinfo, rest = rest[:at], rest[at + 1:]
+        if ":" in userinfo:
+            userinfo = userinfo.split(":", 1)[0] + ":***"
+        rest = userinfo + "@" + rest
+    rest = re.sub(r"(?i)([?&]password=)[^&#]*", r"\1***", rest)
+    return f"{scheme}://{rest}"
+
+
+def _psycopg():
+    """The psycopg module, or MQbtTError naming the pip command (one line)."""
+    try:
+        import psycopg
+    except ImportError as err:
+        why = str(err).strip().splitlines()[0] if str(err).strip() else "not installed"
+        raise MQbtTError(f"PostgreSQL databases need the psycopg 3 driver ({why}): "
+                         f"{PG_INSTALL}") from None
+    return psycopg
+
+
+def _pg_message(err, secret=None) -> str:
+    """One line of a driver error, never holding the password."""
+    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
+    if secret:
+        text = text.replace(secret, "***")
+    return text
+
+
+def _pg_password(url):
+    import urllib.parse
+    try:
+        return urllib.parse.urlsplit(url).password
+    except ValueError:
+        return None
+
+
+import functools  # noqa: E402 - stdlib
+
+
+@functools.lru_cache(maxsize=512)
+def _pg_sql(sql: str) -> str:
+    """SQLite-dialect SQL as mqbtt writes it -> psycopg: ``?`` -> ``%s`` (and
+    ``%`` -> ``%%``) outside quotes; ``instr(col, ?)`` -> ``position(? in col)``."""
+    import re
+    sql = re.sub(r"\binstr\(\s*([A-Za-z_][\w.]*)\s*,\s*\?\s*\)", r"position(? in \1)", sql,
+                 flags=re.I)
+    out, quote = [], None
+    for ch in sql:
+        if quote:
+            out.append("%%" if ch == "%" else ch)
+            if ch == quote:
+                quote = None
+        elif ch in "'\"":
+            quote = ch
+            out.append(ch)
+        elif ch == "?":
+            out.append("%s")
+        elif ch == "%":
+            out.append("%%")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+@functools.lru_cache(maxsize=64)
+def _pg_insert_sql(n: int) -> str:
+    return ("INSERT INTO messages (timestamp, pair_id, subtopic, message) VALUES "
+            + ", ".join(["(%s, %s, %s, %s)"] * n))
+
+
+class _PGCursor:
+    """A psycopg cursor seen as a sqlite3 cursor (``lastrowid`` of an INSERT)."""
+    __slots__ = ("_cur", "lastrowid")
+
+    def __init__(self, cur, returning):
+        self._cur = cur
+        self.lastrowid = cur.fetchone()[0] if returning else None
+
+    def __getattr__(self, name):
+        return getattr(self._cur, name)
+
+    def __iter__(self):
+        return iter(self._cur)
+
+
+class _PGStream:
+    """A server-side cursor (``DECLARE … CURSOR``) on the reading connection:
+    ``fetchmany(n)`` fetches the next *n* rows from the server."""
+
+    def __init__(self, owner, cur):
+        self._owner, self._cur = owner, cur
+
+    def fetchmany(self, n=1000):
+        try:
+            return self._cur.fetchmany(n)
+        except self._owner._error as err:
+            raise MQbtTError(f"cannot read the database {self._owner.display}: "
+                             f"{_pg_message(err, self._owner._secret)}") from None
+
+    def __iter__(self):
+        while True:
+            rows = self.fetchmany(1000)
+            if not rows:
+                return
+            yield from rows
+
+    def close(self):
+        cur, self._cur = self._cur, None
+        if cur is not None:
+            try:
+                cur.close()
+            finally:
+                self._owner._end_stream()
+
+
+class _PGConnection:
+    """The PostgreSQL backend of :class:`MQbtTDataBase` (psycopg 3), shaped
+    like the sqlite3.Connection it replaces.
+
+    Statements run in autocommit mode unless a ``BEGIN`` opened a transaction
+    (as with ``sqlite3.connect(isolation_level=None)``).  Streaming queries
+    (:meth:`stream`) run on a second connection opened on first use, inside
+    one read transaction shared by the open streams, so that they never see
+    (or end) the writer's transactions.  Errors become :class:`MQbtTError`
+    (one line, without the password)."""
+
+    backend = "postgresql"
+
+    def __init__(self, url: str, display: str, connect_timeout: float = 10.0):
+        psycopg = _psycopg()
+        self._url, self.display = url, display
+        self._secret = _pg_password(url)
+        self._error = psycopg.Error
+        self._timeout = connect_timeout
+        self._pg = self._connect(autocommit=True)
+        self._reader = None
+        self._streams = 0
+        self._names = 0
+        self._rlock = threading.Lock()
+
+    def _connect(self, autocommit):
+        psycopg = _psycopg()
+        try:
+            return psycopg.connect(self._url, autocommit=autocommit, application_name="mqbtt",
+                                   connect_timeout=max(1, int(self._timeout)))
+        except psycopg.Error as err:
+            raise MQbtTError(f"cannot open the database {self.display}: "
+                             f"{_pg_message(err, self._secret)}") from None
+        except (ValueError, TypeError) as err:   # a URL libpq cannot parse
+            raise MQbtTError(f"cannot open the database {self.display}: "
+                             f"{_pg_message(err, self._secret)}") from None
+
+    def _fail(self, err, what="use"):
+        return MQbtTError(f"cannot {what} the database {self.display}: {_pg_message(err, self._secret)}")
+
+    # -- the sqlite3.Connection surface ------------------------------------------
+    def execute(self, sql, params=()):
+        q = _pg_sql(sql)
+        # sqlite3's lastrowid of an INSERT into messages: RETURNING id
+        returning = (bool(params) and " ".join(q.split()[:3]).upper() == "INSERT INTO MESSAGES"
+                     and "RETURNING" not in q.upper())
+        if returning:
+            q += " RETURNING id"
+        try:
+            return _PGCursor(self._pg.execute(q, tuple(params) if params else None), returning)
+        except self._error as err:
+            raise self._fail(err) from None
+
+    def executemany(self, sql, rows):
+        try:
+            with self._pg.cursor() as cur:
+                cur.executemany(_pg_sql(sql), rows)
+        except self._error as err:
+            raise self._fail(err, "write to") from None
+
+    def close(self):
+        try:
+            if self._reader is not None:
+                self._reader.close()
+        finally:
+            self._reader = None
+            self._pg.close()
+
+    # -- PostgreSQL only -----------------------------------------------------------
+    def create_schema(self):
+        """Create the ``messages`` table and its indices if missing (under an
+        advisory lock, so that recorders starting together don't race)."""
+        try:
+            if self._pg.execute("SELECT to_regclass('messages')").fetchone()[0] is not None:
+                return
+            with self._pg.transaction():
+                self._pg.execute("SELECT pg_advisory_xact_lock(hashtext('mqbtt-schema'))")
+                self._pg.execute(_PG_SCHEMA)
+                for sql in _INDICES:
+                    self._pg.execute(sql)
+        except self._error as err:
+            raise self._fail(err) from None
+
+    def insert_rows(self, rows):
+        """Insert ``(timestamp, pair_id, subtopic, payload)`` rows and commit:
+        one statement (one round trip, atomic in autocommit mode) per 1000 rows."""
+        try:
+            if len(rows) <= 1000:
+                self._pg.execute(_pg_insert_sql(len(rows)), [v for r in rows for v in r])
+                return
+            with self._pg.transaction():
+                for i in range(0, len(rows), 1000):
+                    part = rows[i:i + 1000]
+                    self._pg.execute(_pg_insert_sql(len(part)), [v for r in part for v in r])
+        except self._error as err:
+            raise self._fail(err, "write to") from None
+
+    def stream(self, sql, params=()):
+        """Run a SELECT through a server-side cursor; return a cursor whose
+        ``fetchmany(n)`` fetches *n* rows at a time (memory stays flat)."""
+        with self._rlock:
+            if self._reader is None:
+                self._reader = self._connect(autocommit=False)
+            self._streams += 1
+            self._names += 1
+            name = f"mqbtt_stream_{self._names}"
+        try:
+            cur = self._reader.cursor(name=name)
+            cur.itersize = 1000
+            cur.execute(_pg_sql(sql), tuple(params) if params else None)
+        except self._error as err:
+            self._end_stream()
+            raise self._fail(err, "read") from None
+        return _PGStream(self, cur)
+
+    def _end_stream(self):
+        with self._rlock:
+            self._streams -= 1
+            if self._streams == 0 and self._reader is not None:
+                try:
+                    self._reader.commit()   # ends the read transaction: later streams see new rows
+                except self._error:
+                    self._reader.close()
+                    self._reader = None
+
+    def claim(self, key: str, what: str, wait: float = 10.0):
+        """Hold a session advisory lock on *key* for the life of this
+        connection; raise MQbtTError(*what*) if another session holds it
+        after *wait* seconds (a killed holder's lock goes with its connection)."""
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                got = self._pg.execute("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))",
+                                       (key,)).fetchone()[0]
+            except self._error as err:
+                raise self._fail(err) from None
+            if got:
+                return
+            if time.monotonic() >= deadline:
+                raise MQbtTError(what)
+            time.sleep(0.2)
+
+    def copy_rows(self, rows, with_ids: bool) -> None:
+        """``COPY messages FROM STDIN`` in binary format (the bulk path of :func:`copy`)."""
+        cols = "id, timestamp, pair_id, subtopic, message" if with_ids else \
+            "timestamp, pair_id, subtopic, message"
+        types = (["int8"] if with_ids else []) + ["float8", "text", "text", "bytea"]
+        try:
+            with self._pg.cursor() as cur:
+                with cur.copy(f"COPY messages ({cols}) FROM STDIN (FORMAT BINARY)") as cp:
+                    cp.set_types(types)
+                    write = cp.write_row
+                    for r in rows:
+                        write(r)
+        except self._error as err:
+            raise self._fail(err, "write to") from None
+
+    def fix_sequence(self):
+        """After rows were copied with their ids: the next id follows the largest."""
+        self.execute("SELECT setval(pg_get_serial_sequence('messages', 'id'), "
+                     "(SELECT max(id) FROM messages))")
+
+
+def check_share_group(group) -> str:
+    """*group* if it can name a shared subscription (``$share/<group>/…``):
+    non-empty, no ``/``, ``+``, ``#`` or control characters; else ValueError."""
+    if not isinstance(group, str) or not group:
+        raise ValueError("the share group must be a non-empty string")
+    bad = [c for c in group if c in "/+#" or not c.isprintable()]
+    if bad:
+        raise ValueError(f"the share group {group!r} must not contain {bad[0]!r} "
+                         "(no '/', '+', '#' or control characters)")
+    return group
+
+
+def _claim_recorder(db, client_id: str) -> None:
+    """One recorder per client id on a PostgreSQL database: hold an advisory
+    lock named after the client id for the recorder's life (released by the
+    server when its connection ends, also after a kill)."""
+    try:
+        db._conn.claim(f"mqbtt-recorder:{client_id}",
+                       f"another recorder with client id {client_id!r} is writing {db.path} "
+                       "(one recorder per client id: on one machine, give each member of a "
+                       "--share group its own --client-id)")
+    except BaseException:
+        db.close()
+        raise
+
+
+def _db_identity(path) -> tuple:
+    """What two names of one database have in common (for refusing a copy
+    into itself): the real path of a file, host/port/dbname of a URL."""
+    if is_pg_url(path):
+        import urllib.parse
+        try:
+            u = urllib.parse.urlsplit(path)
+            host = (u.hostname or os.environ.get("PGHOST") or "localhost").lower()
+            if host in ("127.0.0.1", "::1"):
+                host = "localhost"
+            return ("pg", host, u.port or int(os.environ.get("PGPORT", "5432")),
+                    u.path.lstrip("/") or u.username or os.environ.get("PGDATABASE", ""))
+        except ValueError:
+            return ("pg", path)
+    return ("sqlite", os.path.realpath(path))
+
+
+def _source_key(db) -> tuple:
+    """(key, first id): a source recording is known by a hash of its first
+    row, so it keeps its identity when its file moves or it is copied."""
+    import hashlib
+    row = db._conn.execute("SELECT id, timestamp, pair_id, subtopic, message FROM messages "
+                           "ORDER BY id LIMIT 1").fetchone()
+    if row is None:
+        return None, None
+    rid, ts, pid, sub, msg = row
+    if not isinstance(msg, (bytes, bytearray, memoryview)):
+        msg = str(msg).encode("utf-8")
+    h = hashlib.sha256(f"{float(ts)!r}\0{pid}\0{sub}\0".encode("utf-8", "surrogateescape"))
+    h.update(bytes(msg))
+    return "first-row-sha256:" + h.hexdigest(), rid
+
+
+def copy(src: str, dst: str, *, chunk: int = 50000, progress=None) -> tuple:
+    """Copy the recording *src* into *dst*; each is a SQLite path or a
+    PostgreSQL URL (SQLite -> PostgreSQL, back, or between two of a kind).
+
+    Idempotent and incremental: *dst* keeps, in its table ``mqbtt_copies``,
+    how far (which source id) each source was copied, updated in the same
+    transaction as the rows of each chunk.  A second copy of the same source
+    therefore adds nothing, a copy of a grown recording adds only the new
+    rows, and an interrupted copy resumes where its last chunk committed.  A
+    source is known by a hash of its first row, so moving the file or copying
+    a copy does not make it look new.  Into a *dst* with no messages the ids
+    are kept: the copy is an exact replica.
+
+    :param progress: called with ``(rows_copied_so_far, rows_to_copy)`` after each chunk.
+    :returns: ``(copied, skipped)``: rows added now, rows found already copied.
+    :raises MQbtTError: for a missing source, a copy into itself, database errors."""
+    if not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk must be a positive integer, not {chunk!r}")
+    for name, path in (("source", src), ("destination", dst)):
+        if not isinstance(path, str) or not path.strip():
+            raise ValueError(f"the {name} database must be a file path or a postgresql:// URL")
+    if not is_pg_url(src) and not os.path.isfile(src):
+        raise MQbtTError(f"no such database: {src}")
+    if _db_identity(src) == _db_identity(dst) or (
+            not is_pg_url(src) and not is_pg_url(dst) and os.path.exists(dst)
+            and os.path.samefile(src, dst)):
+        raise MQbtTError(f"{_redact_db(src)} and {_redact_db(dst)} are the same database")
+    import sqlite3
+    with MQbtTDataBase(src) as s, MQbtTDataBase(dst) as d:
+        key, first_id = _source_key(s)
+        if key is None:
+            return 0, 0
+        dpg = getattr(d._conn, "backend", "") == "postgresql"
+        try:
+            d._conn.execute(_COPIES_SCHEMA)
+            mark = d._conn.execute("SELECT last_id FROM mqbtt_copies WHERE source = ?",
+                                   (key,)).fetchone()
+            start = mark[0] if mark else first_id - 1
+            keep_ids = mark is None and d._conn.execute(
+                "SELECT 1 FROM messages LIMIT 1").fetchone() is None
+            total, before = s._conn.execute(
+                "SELECT count(*), count(CASE WHEN id <= ? THEN 1 END) FROM messages",
+                (start,)).fetchone()
+        except sqlite3.Error as err:
+            raise MQbtTError(f"cannot use the database {d.path}: {err}") from None
+        todo = total - before
+        sql = ("SELECT id, timestamp, pair_id, subtopic, message FROM messages WHERE id > ? "
+               "ORDER BY id")
+        cur = (s._conn.stream if hasattr(s._conn, "stream") else s._conn.execute)(sql, (start,))
+        copied = 0
+        origin = s.path
+        try:
+            while True:
+                rows = cur.fetchmany(chunk)
+                if not rows:
+                    break
+                last = rows[-1][0]
+                if any(r[4].__class__ is not bytes for r in rows):
+                    rows = [r if r[4].__class__ is bytes else
+                            (*r[:4], r[4].encode("utf-8") if isinstance(r[4], str) else bytes(r[4] or b""))
+                            for r in rows]
+                d._conn.execute("BEGIN")
+                try:
+                    if dpg:
+                        d._conn.copy_rows(rows if keep_ids else [r[1:] for r in rows], keep_ids)
+                    elif keep_ids:
+                        d._conn.executemany("INSERT INTO messages (id, timestamp, pair_id, subtopic, "
+                                            "message) VALUES (?, ?, ?, ?, ?)", rows)
+                    else:
+                        d._conn.executemany("INSERT INTO messages (timestamp, pair_id, subtopic, "
+                                            "message) VALUES (?, ?, ?, ?)", [r[1:] for r in rows])
+                    d._conn.execute(
+                        "INSERT INTO mqbtt_copies (source, last_id, copied, origin, updated) "
+                        "VALUES (?, ?, ?, ?, ?) ON CONFLICT (source) DO UPDATE SET "
+                        "last_id = excluded.last_id, copied = mqbtt_copies.copied + excluded.copied, "
+                        "origin = excluded.origin, updated = excluded.updated",
+                        (key, last, len(rows), origin, time.time()))
+                    d._conn.execute("COMMIT")
+                except BaseException:
+                    try:
+                        d._conn.execute("ROLLBACK")
+                    except Exception:
+                        pass
+                    raise
+                copied += len(rows)
+                if progress is not None:
+                    progress(copied, todo)
+        except sqlite3.Error as err:
+            raise MQbtTError(f"cannot copy {s.path} to {d.path}: {err}") from None
+        finally:
+            cur.close()
+        if dpg and keep_ids and copied:
+            d._conn.fix_sequence()
+        return copied, before
 
 
 ###############################################################################
@@ -2853,6 +3367,7 @@ COMMANDS = {
     "dump": "print the traffic a role of a pair would receive",
     "record": "record the traffic of every pair in a SQLite database",
     "replay": "republish a recorded pair's traffic with its original timing",
+    "copy": "copy a recording between databases (SQLite, PostgreSQL)",
     "echo": "fake miner answering every request (for testing optimizers)",
     "upgrade": "upgrade this mqbtt.pyz to the latest release",
     "restart": "restart an AxeOS miner and log the event to OpenObserve",
@@ -2947,6 +3462,9 @@ def _cmd_record(argv):
     p.add_argument("--client-id", metavar="ID",
                    help="MQTT client id (default: derived from this host, the broker and the "
                         "absolute database path, so a restarted recorder gets back its session)")
+    p.add_argument("--share", metavar="GROUP", type=_share_arg,
+                   help="subscribe as a member of the shared subscription GROUP "
+                        "($share/GROUP/mqbtt/+/...): N recorders split the stream")
     a = p.parse_args(argv)
     try:
         exclude = parse_subtopics(a.exclude)
@@ -2956,7 +3474,8 @@ def _cmd_record(argv):
         p.error("--exclude: every subtopic is excluded, nothing to record")
     if a.client_id is not None and not a.client_id.strip():
         p.error("--client-id must not be empty")
-    record(a.broker, a.db, exclude=exclude, client_id=a.client_id, status=sys.stderr)
+    record(a.broker, a.db, exclude=exclude, client_id=a.client_id, status=sys.stderr,
+           share=a.share)
     return 0
 
 
@@ -2978,6 +3497,48 @@ def _cmd_replay(argv):
         f"mqbtt replay: publishing pair {a.pid!r} of {a.db} as {to!r} at speed {a.speed:g}",
         file=sys.stderr, flush=True))
     print(f"mqbtt replay: {n} messages published", file=sys.stderr, flush=True)
+    return 0
+
+
+def _share_arg(text):
+    """argparse type: a valid shared-subscription group."""
+    import argparse
+    try:
+        return check_share_group(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _db_arg(text):
+    """argparse type: a database path or PostgreSQL URL (not empty)."""
+    import argparse
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the database must be a file path or a postgresql:// URL")
+    return text
+
+
+def _cmd_copy(argv):
+    p = _parser("copy")
+    p.add_argument("src", metavar="SRC", type=_db_arg,
+                   help="the recording to copy: a SQLite file or postgresql://user@host:port/dbname")
+    p.add_argument("dst", metavar="DST", type=_db_arg,
+                   help="the database to copy into (created if needed); copying again adds "
+                        "only rows not copied before")
+    a = p.parse_args(argv)
+    tty = sys.stderr.isatty()
+    t0 = time.monotonic()
+
+    def progress(done, todo):
+        if tty:
+            sys.stderr.write(f"\r\x1b[Kmqbtt copy: {done}/{todo} rows")
+            sys.stderr.flush()
+
+    copied, skipped = copy(a.src, a.dst, progress=progress)
+    if tty and copied:
+        sys.stderr.write("\n")
+    dt = time.monotonic() - t0
+    print(f"mqbtt copy: {copied} rows copied from {_redact_db(a.src)} to {_redact_db(a.dst)} "
+          f"in {dt:.1f} s ({skipped} copied before)", file=sys.stderr, flush=True)
     return 0
 
 
@@ -3109,6 +3670,7 @@ _HANDLERS = {
     "dump": _cmd_dump,
     "record": _cmd_record,
     "replay": _cmd_replay,
+    "copy": _cmd_copy,
     "echo": _cmd_echo,
     "upgrade": _cmd_upgrade,
     "install-links": _cmd_install_links,
