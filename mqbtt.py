@@ -2157,19 +2157,26 @@ def _psycopg():
 
 
 def _pg_message(err, secret=None) -> str:
-    """One line of a driver error, never holding the password."""
+    """One line of a driver error, never holding the password (libpq quotes
+    the URL in some errors)."""
     text = " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
-    if secret:
-        text = text.replace(secret, "***")
+    for word in secret or ():
+        text = text.replace(word, "***")
     return text
 
 
-def _pg_password(url):
+def _pg_password(url) -> list:
+    """The texts to scrub from errors about *url*: its password(s), raw and decoded."""
+    import re
     import urllib.parse
-    try:
-        return urllib.parse.urlsplit(url).password
-    except ValueError:
-        return None
+    rest = url.split("://", 1)[-1]
+    found = []
+    at = rest.rfind("@")
+    if at >= 0 and ":" in rest[:at]:
+        found.append(rest[:at].split(":", 1)[1])
+    found += re.findall(r"(?i)[?&]password=([^&#]*)", rest)
+    found += [urllib.parse.unquote(w) for w in found]
+    return sorted({w for w in found if w}, key=len, reverse=True)
 
 
 import functools  # noqa: E402 - stdlib
@@ -2376,7 +2383,7 @@ class _PGConnection:
                     self._reader.close()
                     self._reader = None
 
-    def claim(self, key: str, what: str, wait: float = 10.0):
+    def claim(self, key: str, what: str, wait: float = 3.0):
         """Hold a session advisory lock on *key* for the life of this
         connection; raise MQbtTError(*what*) if another session holds it
         after *wait* seconds (a killed holder's lock goes with its connection)."""
@@ -3494,7 +3501,7 @@ def _cmd_replay(argv):
         p.error("--speed must be a non-negative number")
     to = a.to_pid or a.pid
     n = replay(a.db, a.broker, a.pid, a.to_pid, a.speed, connected=lambda: print(
-        f"mqbtt replay: publishing pair {a.pid!r} of {a.db} as {to!r} at speed {a.speed:g}",
+        f"mqbtt replay: publishing pair {a.pid!r} of {_redact_db(a.db)} as {to!r} at speed {a.speed:g}",
         file=sys.stderr, flush=True))
     print(f"mqbtt replay: {n} messages published", file=sys.stderr, flush=True)
     return 0
