@@ -480,13 +480,13 @@ def test_bad_share_groups_are_usage_errors(broker, tmp_path, group):
 def make_sqlite(path, n, pairs=100):
     con = sqlite3.connect(path)
     con.execute(mqbtt._SCHEMA)
-    for sql in mqbtt._INDICES:
-        con.execute(sql)
     subs = ("srv", "esp", "shr", "log")
     con.executemany("INSERT INTO messages (timestamp, pair_id, subtopic, message) VALUES (?, ?, ?, ?)",
                     ((1.7e9 + i / 1000.0 + (i % 7) * 1e-7, f"pair{i % pairs:02d}", subs[i % 4],
                       hashlib.blake2b(b"%d" % i, digest_size=8 + i % 24).digest())
                      for i in range(n)))
+    for sql in mqbtt._INDICES:
+        con.execute(sql)
     con.commit()
     con.close()
 
