@@ -595,3 +595,46 @@ def test_analysis_notebook_on_postgresql(broker, pg, pg_url, tmp_path, monkeypat
     assert f"pair 'nb01', {len(sent)} messages" in text and "0 undecodable" in text
     assert re.search(r"median \d+\.\d ms", text)
     assert "postgresql://" in text and pg.password not in text
+
+
+# -- mqbtt.pyz on CPython 3.10-3.13 -------------------------------------------------------
+
+PYTHONS = ["3.10", "3.11", "3.12", "3.13"]
+
+
+def interpreter(version):
+    import glob
+    pyenv = os.environ.get("PYENV_ROOT", os.path.expanduser("~/.pyenv"))
+    found = sorted(glob.glob(os.path.join(pyenv, "versions", f"{version}.*", "bin", "python3")))
+    if not found:
+        pytest.fail(f"CPython {version} not found under {pyenv}/versions")
+    return found[-1]
+
+
+def test_pyz_uses_compiled_psycopg_on_each_python(pg, pg_url, tmp_path):
+    """mqbtt.pyz bundles psycopg-binary for each CPython: PostgreSQL
+    recordings work from the pyz alone, with the C implementation."""
+    import build_zipapp
+    pyz = str(tmp_path / "mqbtt.pyz")
+    build_zipapp.build(pyz, quiet=True)
+    script = tmp_path / "probe.py"
+    script.write_text(
+        "import sys, psycopg, mqbtt\n"
+        "with mqbtt.MQbtTDataBase(sys.argv[1]) as db:\n"
+        "    db.insert(mqbtt.MQbtTRecord(pair_id='py' + sys.version.split()[0], subtopic='log',\n"
+        "                                timestamp=1.0, payload=b'x'))\n"
+        "    print(psycopg.pq.__impl__, db.count(), psycopg.__file__)\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env.update(SHIV_ROOT=str(tmp_path / "shiv"), PYTHONPATH="", PYTHONNOUSERSITE="1")
+    for n, version in enumerate(PYTHONS, 1):
+        py = interpreter(version)
+        r = subprocess.run([py, "-I", pyz, "run", str(script), pg_url], capture_output=True, text=True,
+                           env=env, timeout=120)
+        assert r.returncode == 0, (version, r.stderr)
+        impl, count, where = r.stdout.split()
+        assert impl == "binary" and int(count) == n and str(tmp_path / "shiv") in where, r.stdout
+        out = tmp_path / f"copy{n}.db"
+        r = subprocess.run([py, "-I", pyz, "copy", pg_url, str(out)], capture_output=True, text=True,
+                           env=env, timeout=120)
+        assert r.returncode == 0 and f"{n} rows copied" in r.stderr, (version, r.stderr)
+        assert pg.password not in r.stderr
