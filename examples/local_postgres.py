@@ -106,16 +106,17 @@ class LocalPostgres:
         self.psql(f'CREATE DATABASE "{name}"')
         return self.url(name)
 
-    def stop(self):
+    def stop(self, mode="fast"):
+        """Stop the server (``immediate``: no shutdown checkpoint, for a cluster about to be deleted)."""
         if self.started:
             try:
-                self._run(["pg_ctl", "-D", self.data, "-m", "fast", "-w", "stop"])
+                self._run(["pg_ctl", "-D", self.data, "-m", mode, "-w", "stop"])
             except subprocess.CalledProcessError:
                 pass
             self.started = False
 
     def cleanup(self):
-        self.stop()
+        self.stop("immediate")
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self):
