@@ -638,3 +638,44 @@ def test_pyz_uses_compiled_psycopg_on_each_python(pg, pg_url, tmp_path):
                            env=env, timeout=120)
         assert r.returncode == 0 and f"{n} rows copied" in r.stderr, (version, r.stderr)
         assert pg.password not in r.stderr
+
+
+def test_recorder_when_postgresql_goes_away(broker, tmp_path):
+    """The server stops under a running recorder: it exits 1 with one line;
+    what it had not committed was not acknowledged, so after the server and
+    the recorder are back, every message is stored."""
+    own = LocalPostgres().start()
+    try:
+        url = own.create_db("away")
+        env = {**os.environ, "PGPASSWORD": own.password}
+        bare = url.replace(":" + own.password, "")
+        cmd = ("--share", "g", "--client-id", "away-1")
+        rec = record_into(broker, bare, *cmd, env=env)
+        pub = mqbtt._paho_client(BrokerURI.parse(broker.uri), "pub-away", True)
+        pub.connect("127.0.0.1", broker.port)
+        pub.loop_start()
+        try:
+            pub.publish("mqbtt/p1/log", b"before", 1).wait_for_publish(10)
+            wait_for(lambda: pg_count(url) == 1, 20, "the first message stored")
+            own.stop("immediate")
+            pub.publish("mqbtt/p1/log", b"while down", 1).wait_for_publish(10)
+            assert rec.wait(60) == 1
+            errors = [x for x in rec.err if "error" in x]
+            assert len(errors) == 1 and errors[0].startswith("mqbtt record: error: ")
+            assert "Traceback" not in "\n".join(rec.err) and own.password not in "\n".join(rec.err)
+            r = run_cli("record", "--broker", broker.uri, "--db", bare, *cmd, env=env, timeout=60)
+            assert r.returncode == 1 and len(r.stderr.splitlines()) == 1, r.stderr   # still down
+            assert "cannot open the database" in r.stderr
+            own._run(["pg_ctl", "-D", own.data, "-l", own.log_path, "-w", "start"])
+            own.started = True
+            rec = record_into(broker, bare, *cmd, env=env)       # the same command line
+            wait_for(lambda: [bytes(m) for (m,) in pg_rows(url, "SELECT message FROM messages")]
+                     == [b"before", b"while down"], 30, "the message sent while down")
+            rec.p.send_signal(signal.SIGTERM)
+            assert rec.wait() == 0
+        finally:
+            rec.kill()
+            pub.disconnect()
+            pub.loop_stop()
+    finally:
+        own.cleanup()
