@@ -2307,7 +2307,8 @@ class _PGConnection:
         if returning:
             q += " RETURNING id"
         try:
-            return _PGCursor(self._pg.execute(q, tuple(params) if params else None), returning)
+            # always a tuple, even empty: psycopg then turns %% back into %
+            return _PGCursor(self._pg.execute(q, tuple(params or ())), returning)
         except self._error as err:
             raise self._fail(err) from None
 
@@ -2367,7 +2368,7 @@ class _PGConnection:
         try:
             cur = self._reader.cursor(name=name)
             cur.itersize = 1000
-            cur.execute(_pg_sql(sql), tuple(params) if params else None)
+            cur.execute(_pg_sql(sql), tuple(params or ()))
         except self._error as err:
             self._end_stream()
             raise self._fail(err, "read") from None

@@ -323,6 +323,39 @@ def test_records_and_logs_match_sqlite(broker, pg_url, tmp_path):
             list(p.records(min_timestamp="yesterday"))
 
 
+def test_generic_sql_runs_on_both(pg_url, tmp_path):
+    """Methods written against sqlite3 (``db._conn.execute(sql, params)`` with
+    ``?`` placeholders, explicit BEGIN/COMMIT) run unchanged on PostgreSQL."""
+    lite = str(tmp_path / "g.db")
+    results = []
+    for where in (lite, pg_url):
+        with MQbtTDataBase(where) as db:
+            c = db._conn
+            c.execute("BEGIN")
+            for i in range(6):
+                cur = c.execute("INSERT INTO messages (timestamp, pair_id, subtopic, message) "
+                                "VALUES (?, ?, ?, ?)", (10.0 + i, f"p{i % 2}", "log", b"a%d%%?_" % i))
+                assert cur.lastrowid == i + 1
+            c.execute("COMMIT")
+            c.executemany("INSERT INTO messages (timestamp, pair_id, subtopic, message) VALUES (?, ?, ?, ?)",
+                          [(20.0, "p9", "shr", b"")] * 3)
+            out = [
+                c.execute("SELECT pair_id, count(*), min(timestamp), max(timestamp) FROM messages "
+                          "GROUP BY pair_id ORDER BY pair_id").fetchall(),
+                c.execute("SELECT '100%', 'a?b', ?", (5,)).fetchone(),
+                c.execute("SELECT '100%', 'x?'").fetchone(),
+                c.execute("SELECT count(*) FROM messages WHERE pair_id LIKE 'p%'").fetchone(),
+                c.execute("SELECT id FROM messages WHERE instr(message, ?) > 0 ORDER BY id",
+                          (b"3%",)).fetchall(),
+                [tuple(r) for r in c.execute("SELECT DISTINCT subtopic FROM messages ORDER BY subtopic")],
+                c.execute("SELECT count(*) FROM messages WHERE timestamp BETWEEN ? AND ?",
+                          (11, 13.5)).fetchone(),
+            ]
+            results.append([[tuple(x) for x in o] if isinstance(o, list) else tuple(o) for o in out])
+    assert results[0] == results[1]
+    assert results[0][1] == ("100%", "a?b", 5) and results[0][4] == [(4,)]
+
+
 def test_streaming_is_chunked(pg_url):
     """records() on PostgreSQL uses a server-side cursor: rows arrive 1000 at
     a time, the first long before the query would have been fully fetched."""
