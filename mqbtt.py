@@ -1341,7 +1341,11 @@ class MQbtTDataBase:
     30 s busy timeout, so a notebook can read it while ``mqbtt record`` writes
     it.
 
-    :param path: the database file.
+    :param path: the database file, or a PostgreSQL URL
+      (``postgresql://user@host:port/dbname``, also ``postgres://``): the same
+      table in PostgreSQL types (``id bigserial``, ``timestamp double
+      precision``, ``message bytea``), the same indices and results; see
+      :class:`_PGConnection`.  Needs psycopg 3 (:data:`PG_INSTALL`).
     :param batch_size: :meth:`insert` commits after this many records...
     :param batch_timeout: ...or when the oldest uncommitted record is this many
       seconds old, whichever comes first (a timer commits even if no further
@@ -1697,7 +1701,10 @@ class Recorder:
     enqueues; SQLite work happens in the thread that calls :meth:`run`.
 
     :param broker_uri: the broker (see :class:`BrokerURI`).
-    :param db_path: the SQLite database (created if needed).
+    :param db_path: the SQLite database (created if needed) or a PostgreSQL URL.
+    :param share: record as a member of this shared-subscription group
+      (``$share/<share>/mqbtt/+/<subtopic>``): the broker deals each message
+      to one member; on PostgreSQL only one recorder per client id may run.
     :param exclude: subtopics not to record (list, or ``"log,shr"``).
     :param client_id: the MQTT client id (default :func:`recorder_client_id`).
     :param status: a text stream for progress (None: silent).  On a terminal,
