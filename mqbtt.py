@@ -2423,6 +2423,11 @@ class _PGConnection:
         except self._error as err:
             raise self._fail(err, "write to") from None
 
+    def can_set_ids(self) -> bool:
+        """Whether this user may move the id sequence (needed to copy rows with their ids)."""
+        return bool(self.execute("SELECT has_sequence_privilege(pg_get_serial_sequence('messages', "
+                                 "'id'), 'UPDATE')").fetchone()[0])
+
     def fix_sequence(self):
         """After rows were copied with their ids: the next id follows the largest."""
         self.execute("SELECT setval(pg_get_serial_sequence('messages', 'id'), "
@@ -2528,6 +2533,8 @@ def copy(src: str, dst: str, *, chunk: int = 50000, progress=None) -> tuple:
             start = mark[0] if mark else first_id - 1
             keep_ids = mark is None and d._conn.execute(
                 "SELECT 1 FROM messages LIMIT 1").fetchone() is None
+            if keep_ids and dpg and not d._conn.can_set_ids():
+                keep_ids = False   # ids from the sequence: explicit ones would collide later
             total, before = s._conn.execute(
                 "SELECT count(*), count(CASE WHEN id <= ? THEN 1 END) FROM messages",
                 (start,)).fetchone()
@@ -2549,8 +2556,12 @@ def copy(src: str, dst: str, *, chunk: int = 50000, progress=None) -> tuple:
         try:
             if bulk:
                 d._conn.execute("BEGIN")
-                for index in _INDICES:
-                    d._conn.execute(f"DROP INDEX IF EXISTS {index.split()[5]}")
+                try:
+                    for index in _INDICES:
+                        d._conn.execute(f"DROP INDEX IF EXISTS {index.split()[5]}")
+                except (MQbtTError, sqlite3.Error):   # not the table's owner: row by row
+                    d._conn.execute("ROLLBACK")
+                    bulk = False
             while True:
                 rows = cur.fetchmany(chunk)
                 if not rows:

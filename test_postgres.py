@@ -601,7 +601,7 @@ def test_copy_a_million_rows_there_and_back(pg_url, tmp_path):
     assert pg_count(pg_url) == n
     assert sqlite_digest(back) == sqlite_digest(src)                      # identical, ids included
     r3 = run_cli("copy", src, pg_url)
-    assert r3.returncode == 0 and f"0 rows copied" in r3.stderr and pg_count(pg_url) == n
+    assert r3.returncode == 0 and "0 rows copied" in r3.stderr and pg_count(pg_url) == n
 
 
 # -- the notebook on a PostgreSQL recording -----------------------------------------------
@@ -712,3 +712,30 @@ def test_recorder_when_postgresql_goes_away(broker, tmp_path):
             pub.loop_stop()
     finally:
         own.cleanup()
+
+
+def test_copy_as_a_user_who_does_not_own_the_table(pg, pg_url, tmp_path):
+    """A role with only INSERT/SELECT (not the owner) cannot drop the indices
+    for a bulk load: the copy goes row by row instead, and still works."""
+    MQbtTDataBase(pg_url).close()
+    dbname = pg_url.rsplit("/", 1)[1]
+    pg.psql("DROP ROLE IF EXISTS copier; CREATE ROLE copier LOGIN PASSWORD 'c0pier-secret'", dbname)
+    pg.psql("GRANT SELECT, INSERT ON messages TO copier; GRANT USAGE ON SEQUENCE messages_id_seq "
+            "TO copier; GRANT CREATE ON SCHEMA public TO copier", dbname)
+    src = str(tmp_path / "src.db")
+    make_sqlite(src, 1000, pairs=3)
+    url = f"postgresql://copier:c0pier-secret@127.0.0.1:{pg.port}/{dbname}"
+    assert mqbtt.copy(src, url, chunk=100) == (1000, 0)
+    assert mqbtt.copy(src, url, chunk=100) == (0, 1000)
+    n, digest = sqlite_digest(src)
+    back = str(tmp_path / "back.db")
+    assert mqbtt.copy(url, back) == (1000, 0)
+    assert sqlite_digest(back) == (n, digest)
+    other = str(tmp_path / "other.db")
+    with MQbtTDataBase(other) as d:
+        d.insert(MQbtTRecord(pair_id="new", subtopic="log", timestamp=5.0, payload=b"n"))
+    pg.psql("REVOKE INSERT ON messages FROM copier", dbname)
+    r = run_cli("copy", other, url + "?application_name=x")   # a reader without INSERT
+    assert r.returncode == 1 and len(r.stderr.splitlines()) == 1, r.stderr
+    assert "permission denied" in r.stderr and "c0pier-secret" not in r.stderr
+    assert pg_count(pg_url) == 1000 and pg_rows(pg_url, "SELECT count(*) FROM mqbtt_copies") == [(1,)]

@@ -44,7 +44,6 @@ def child(driver, url, n):
         conn = psycopg.connect(url, autocommit=True)
         out["impl"] = psycopg.pq.__impl__
         ex = lambda sql, p=None: conn.execute(sql, p)  # noqa: E731
-        ph = "%s"
     else:
         import pg8000.native
         conn = pg8000.native.Connection(u.username, password=u.password, host=u.hostname,

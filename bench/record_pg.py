@@ -20,7 +20,6 @@ report the figures, there is no target.
 import argparse
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import tempfile
