@@ -739,3 +739,39 @@ def test_copy_as_a_user_who_does_not_own_the_table(pg, pg_url, tmp_path):
     assert r.returncode == 1 and len(r.stderr.splitlines()) == 1, r.stderr
     assert "permission denied" in r.stderr and "c0pier-secret" not in r.stderr
     assert pg_count(pg_url) == 1000 and pg_rows(pg_url, "SELECT count(*) FROM mqbtt_copies") == [(1,)]
+
+
+def test_down_member_keeps_its_share_queued(flood_broker, pg, pg_url):
+    """What the README promises about a group: while one of two members is
+    down, the broker keeps dealing it messages, which wait in its session;
+    they are stored when it comes back, not before."""
+    env = {**os.environ, "PGPASSWORD": pg.password}
+    url = pg_url.replace(":" + pg.password, "")
+    a = record_into(flood_broker, url, "--share", "duo", "--client-id", "duo-a", env=env)
+    b = record_into(flood_broker, url, "--share", "duo", "--client-id", "duo-b", env=env)
+    b.p.send_signal(signal.SIGTERM)
+    assert b.wait() == 0
+    pub = mqbtt._paho_client(BrokerURI.parse(flood_broker.uri), "pub-duo", True)
+    pub.connect("127.0.0.1", flood_broker.port)
+    pub.loop_start()
+    try:
+        infos = [pub.publish(f"mqbtt/p{i % 10}/shr", b"duo %03d" % i, 1) for i in range(200)]
+        wait_for(lambda: all(i._published for i in infos), 30, "the broker acknowledged")
+        # Mosquitto deals the group's messages round robin, to b's queued session too
+        wait_for(lambda: pg_count(pg_url) == 100, 30, "member a's half")
+        while_down = pg_count(pg_url)
+        assert while_down == 100                           # b's half is not in the database
+        b = record_into(flood_broker, url, "--share", "duo", "--client-id", "duo-b", env=env)
+        wait_for(lambda: pg_count(pg_url) >= 200, 30, "b's queued share")
+        assert sorted(bytes(m) for (m,) in pg_rows(pg_url, "SELECT message FROM messages")) == \
+            [b"duo %03d" % i for i in range(200)]
+        print(f"\nmember a stored {while_down} of 200 while b was down; b stored the other "
+              f"{200 - while_down} when it came back")
+        for r in (a, b):
+            r.p.send_signal(signal.SIGINT)
+        assert [r.wait() for r in (a, b)] == [0, 0]
+    finally:
+        for r in (a, b):
+            r.kill()
+        pub.disconnect()
+        pub.loop_stop()
