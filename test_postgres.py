@@ -671,6 +671,10 @@ def test_pyz_uses_compiled_psycopg_on_each_python(pg, pg_url, tmp_path):
                            env=env, timeout=120)
         assert r.returncode == 0 and f"{n} rows copied" in r.stderr, (version, r.stderr)
         assert pg.password not in r.stderr
+    # where the compiled part cannot load, psycopg's pure-Python mode over the system's libpq5
+    r = subprocess.run([py, "-I", pyz, "run", str(script), pg_url], capture_output=True, text=True,
+                       env={**env, "PSYCOPG_IMPL": "python"}, timeout=120)
+    assert r.returncode == 0 and r.stdout.split()[:2] == ["python", str(len(PYTHONS) + 1)], r.stderr
 
 
 def test_recorder_when_postgresql_goes_away(broker, tmp_path):
