@@ -38,6 +38,54 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 TARGET = ["--only-binary=:all:", "--platform", "manylinux2014_x86_64",
           "--python-version", "3.10", "--implementation", "cp", "--abi", "abi3", "--abi", "none"]
 
+#: CPython versions whose compiled psycopg (psycopg-binary, one wheel per version:
+#: it is not abi3) the pyz carries, so PostgreSQL recordings run at C speed on each
+#: (the .so files are named per version and the bundled libpq etc. are identical)
+PSYCOPG_BINARY_PYTHONS = ("3.10", "3.11", "3.12", "3.13")
+
+
+def _runtime_requirements(tmp):
+    """requirements.txt for the abi3/none install: ``psycopg[binary]`` becomes
+    ``psycopg`` (its binary part is added per CPython by ``_add_psycopg_binary``)."""
+    import re as _re
+    out = os.path.join(tmp, "requirements-pyz.txt")
+    with open(os.path.join(ROOT, "requirements.txt"), encoding="utf-8") as f:
+        text = _re.sub(r"^psycopg\[binary\]", "psycopg", f.read(), flags=_re.M)
+    with open(out, "w", encoding="utf-8") as f:
+        f.write(text)
+    return out
+
+
+def _add_psycopg_binary(site, tmp, wheel_dir=None):
+    """Unpack psycopg-binary for every CPython of PSYCOPG_BINARY_PYTHONS into
+    *site*, at exactly the version of the psycopg installed there."""
+    import glob as _glob
+    import zipfile
+    found = _glob.glob(os.path.join(site, "psycopg-*.dist-info"))
+    if not found:
+        return
+    version = os.path.basename(found[0])[len("psycopg-"):-len(".dist-info")]
+    dest = os.path.join(tmp, "psycopg-binary-wheels")
+    for py in PSYCOPG_BINARY_PYTHONS:
+        abi = "cp" + py.replace(".", "")
+        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
+               "--no-deps", "--only-binary=:all:", "--platform", "manylinux2014_x86_64",
+               "--python-version", py, "--implementation", "cp", "--abi", abi,
+               "--dest", dest, f"psycopg-binary=={version}"]
+        if wheel_dir:
+            cmd += ["--no-index", "--find-links", wheel_dir]
+        _run(cmd)
+    for wheel in sorted(_glob.glob(os.path.join(dest, "psycopg_binary-*.whl"))):
+        with zipfile.ZipFile(wheel) as z:
+            for name in z.namelist():
+                if ".dist-info/" in name and not name.startswith(f"psycopg_binary-{version}.dist-info/"):
+                    continue
+                z.extract(name, site)
+    for dirpath, _, files in os.walk(os.path.join(site, "psycopg_binary.libs")):
+        for name in files:   # zipfile drops the modes: the libraries must be loadable
+            os.chmod(os.path.join(dirpath, name), 0o755)
+
+
 #: run by shiv's bootstrap at every start, after extraction (``--preamble``): keeps
 #: ``~/.shiv`` (or ``$SHIV_ROOT``) from growing with one directory per build (shiv
 #: #188).  Every process holds a shared flock on ``<cache dir>/.mqbtt-in-use`` for
@@ -261,11 +309,13 @@ def build(output="mqbtt.pyz", version=None, wheel_dir=None, python="/usr/bin/env
         site = os.path.join(tmp, "site-packages")
         pip = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
                "--no-compile", "--no-warn-script-location", "--target", site, *TARGET,
-               "-r", os.path.join(ROOT, "requirements.txt")]
+               "-r", _runtime_requirements(tmp)]
         if wheel_dir:
             pip += ["--no-index", "--find-links", wheel_dir]
         say("build_zipapp: installing the dependencies for CPython >= 3.10, manylinux2014_x86_64")
         _run(pip, env={**os.environ, "PIP_ROOT_USER_ACTION": "ignore"})
+        say("build_zipapp: adding psycopg-binary for CPython " + ", ".join(PSYCOPG_BINARY_PYTHONS))
+        _add_psycopg_binary(site, tmp, wheel_dir)
         # console scripts made by pip point at the building Python: useless in the pyz
         shutil.rmtree(os.path.join(site, "bin"), ignore_errors=True)
         for dirpath, dirnames, _ in os.walk(site):

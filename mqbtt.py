@@ -79,6 +79,8 @@ __all__ = [
     # recordings from the command line: info, export, replay checks
     "MQbtTNotFound", "open_recording", "replay_plan", "parse_time", "export",
     "describe_message", "EXPORT_FIELDS", "EXPORT_FORMATS",
+    # PostgreSQL recordings, shared recording, copies
+    "copy", "is_pg_url", "check_share_group", "PG_INSTALL",
     # distribution: zipapp, symlinks and upgrade
     "upgrade", "install_links", "link_names", "run_script", "running_zipapp", "UPGRADE_URL",
     "pip_scripts",
@@ -1955,7 +1957,11 @@ class MQbtTDataBase:
     30 s busy timeout, so a notebook can read it while ``mqbtt record`` writes
     it.
 
-    :param path: the database file.
+    :param path: the database file, or a PostgreSQL URL
+      (``postgresql://user@host:port/dbname``, also ``postgres://``): the same
+      table in PostgreSQL types (``id bigserial``, ``timestamp double
+      precision``, ``message bytea``), the same indices and results; see
+      :class:`_PGConnection`.  Needs psycopg 3 (:data:`PG_INSTALL`).
     :param batch_size: :meth:`insert` commits after this many records...
     :param batch_timeout: ...or when the oldest uncommitted record is this many
       seconds old, whichever comes first (a timer commits even if no further
@@ -1985,6 +1991,18 @@ class MQbtTDataBase:
         self._pending_since = 0.0  # monotonic time of the first of them
         self._timer = None
         self._conn = None
+        #: ``"sqlite"`` or ``"postgresql"`` (a ``postgresql://`` URL; see _PGConnection)
+        self.backend = "sqlite"
+        if is_pg_url(self.path):
+            url, self.path = self.path, _redact_db(self.path)   # never show the password
+            conn = _PGConnection(url, self.path)
+            try:
+                conn.create_schema()
+            except BaseException:
+                conn.close()
+                raise
+            self._conn, self.backend = conn, "postgresql"
+            return
         try:
             conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None,
                                    check_same_thread=False)
@@ -2044,6 +2062,9 @@ class MQbtTDataBase:
         them, with the records inserted before (the recorder's path)."""
         with self._lock:
             self._check_open()
+            if self._pending == 0 and self.backend == "postgresql":
+                self._conn.insert_rows(rows)   # one statement: one round trip, atomic
+                return
             if self._pending == 0:
                 self._conn.execute("BEGIN")
             self._conn.executemany(
@@ -2136,7 +2157,8 @@ class MQbtTDataBase:
 
     def _rows(self, sql, params):
         with self._lock:
-            cur = self._conn.execute(sql, params)
+            # PostgreSQL: a server-side cursor (rows come 1000 at a time)
+            cur = (self._conn.stream if self.backend == "postgresql" else self._conn.execute)(sql, params)
         try:
             while True:
                 with self._lock:
@@ -2335,16 +2357,20 @@ def parse_subtopics(text) -> list:
     return out
 
 
-def recorder_client_id(broker_uri: str, db_path: str, pair_ids=()) -> str:
+def recorder_client_id(broker_uri: str, db_path: str, pair_ids=(), share: str | None = None) -> str:
     """The client id ``mqbtt record`` uses: ``mqbtt-rec-`` plus a hash of this
-    host and user, the broker and the absolute database path — the same when
+    host and user, the broker and the absolute database path (a PostgreSQL
+    URL without its password) and the ``--share`` group — the same when
     the same recorder is restarted, different for recorders writing
     different databases.  A recorder of some pairs only (*pair_ids*) gets
     its own id, since a persistent session keeps its subscriptions."""
     import hashlib
-    key = f"{_host_tag()}|{BrokerURI.parse(broker_uri)}|{os.path.realpath(os.fspath(db_path))}"
+    where = _redact_db(db_path) if is_pg_url(db_path) else os.path.realpath(os.fspath(db_path))
+    key = f"{_host_tag()}|{BrokerURI.parse(broker_uri)}|{where}"
     if pair_ids:
         key += "|" + "\x00".join(sorted(set(pair_ids)))
+    if share is not None:
+        key += f"|$share/{share}"
     # surrogateescape: a Linux file name need not be UTF-8
     return "mqbtt-rec-" + hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
@@ -2373,7 +2399,10 @@ class Recorder:
     enqueues; SQLite work happens in the thread that calls :meth:`run`.
 
     :param broker_uri: the broker (see :class:`BrokerURI`).
-    :param db_path: the SQLite database (created if needed).
+    :param db_path: the SQLite database (created if needed) or a PostgreSQL URL.
+    :param share: record as a member of this shared-subscription group
+      (``$share/<share>/mqbtt/+/<subtopic>``): the broker deals each message
+      to one member; on PostgreSQL only one recorder per client id may run.
     :param exclude: subtopics not to record (list, or ``"log,shr"``).
     :param client_id: the MQTT client id (default :func:`recorder_client_id`).
     :param status: a text stream for progress (None: silent).  On a terminal,
@@ -2387,8 +2416,11 @@ class Recorder:
     def __init__(self, broker_uri: str, db_path: str, exclude=(), client_id: str | None = None, *,
                  batch_size: int = 100, batch_timeout: float = 10.0, window: int = 20,
                  keepalive: int = 60, connect_timeout: float = 10.0, status=None,
-                 status_interval: float = 60.0, pair_ids=None, duration: float | None = None):
+                 status_interval: float = 60.0, pair_ids=None, duration: float | None = None,
+                 share: str | None = None):
         self.broker = BrokerURI.parse(broker_uri if broker_uri is not None else default_broker())
+        #: the shared-subscription group (``$share/<share>/mqbtt/+/<subtopic>``) or None
+        self.share = None if share is None else check_share_group(share)
         excluded = parse_subtopics(exclude)
         self.subtopics = [s for s in SUBTOPICS if s not in excluded]
         if not self.subtopics:
@@ -2399,7 +2431,7 @@ class Recorder:
         self.duration = _positive_seconds(duration, "duration")
         self.db_path = os.fspath(db_path)
         self.client_id = client_id or recorder_client_id(str(self.broker), self.db_path,
-                                                         self.pair_ids or ())
+                                                         self.pair_ids or (), self.share)
         self.batch_size = batch_size
         self.batch_timeout = batch_timeout
         self.window = window
@@ -2415,6 +2447,9 @@ class Recorder:
         self._stopping = False
         self._conn = None
         self._db = MQbtTDataBase(self.db_path, batch_size, batch_timeout)
+        self.db_path = self._db.path   # a PostgreSQL URL without its password
+        if self._db.backend == "postgresql":
+            _claim_recorder(self._db, self.client_id)
         #: messages the database held when the recorder started
         self.db_total_before = self._db.count()
 
@@ -2447,7 +2482,7 @@ class Recorder:
           broker later refuses the credentials (after committing what came).
         :raises MQbtTError: if the database cannot be written (nothing
           uncommitted is acknowledged, so the broker keeps it)."""
-        subs = [(topic(p, s), min(SUBTOPICS[s], 1)) for p in (self.pair_ids or ["+"])
+        subs = [(self._prefix + topic(p, s), min(SUBTOPICS[s], 1)) for p in (self.pair_ids or ["+"])
                 for s in self.subtopics]
         self._conn = _Connection(self.broker, self.client_id, False, subs, self._on_message,
                                  self.keepalive, notify=self._say, manual_ack=True,
@@ -2551,6 +2586,10 @@ class Recorder:
             # reconnect the broker redelivers it anyway (stored twice, not lost)
             if qos > 0 and gen == gen_now:
                 client.ack(mid, qos)
+
+    @property
+    def _prefix(self):
+        return "" if self.share is None else f"$share/{self.share}/"
 
     def _per_subtopic(self):
         return " ".join(f"{s}={n}" for s, n in self.counts.items())
@@ -3154,12 +3193,12 @@ def replay_plan(db_path: str, pair_id: str, min_timestamp=None, max_timestamp=No
             return found
         whole = db.summary(pair_id).get(pair_id)
         if whole is None:
-            raise MQbtTNotFound(f"no pair {_show_pair(pair_id)} in {db_path}; "
+            raise MQbtTNotFound(f"no pair {_show_pair(pair_id)} in {_redact_db(db_path)}; "
                                 f"{_list_pairs(db.pair_ids())}")
         lo = "the start" if min_timestamp is None else _iso_utc(_epoch(min_timestamp))
         hi = "the end" if max_timestamp is None else _iso_utc(_epoch(max_timestamp))
         raise MQbtTNotFound(f"pair {_show_pair(pair_id)} has no messages between {lo} and {hi} "
-                            f"in {db_path}; its messages go from {_iso_utc(whole['first_timestamp'])} "
+                            f"in {_redact_db(db_path)}; its messages go from {_iso_utc(whole['first_timestamp'])} "
                             f"to {_iso_utc(whole['last_timestamp'])}")
 
 
@@ -3290,6 +3329,524 @@ def _json_float(v):
     if isinstance(v, float) and (v != v or v in (float("inf"), float("-inf"))):
         return str(v)
     return v
+
+
+###############################################################################
+# PostgreSQL: database URLs, backend, shared recording, copy ##################
+###############################################################################
+# MQbtTDataBase talks to SQLite through a sqlite3.Connection.  For a
+# ``postgresql://`` URL it gets a _PGConnection instead: the same calls
+# (``execute(sql, params)`` with ``?`` placeholders, explicit BEGIN/COMMIT,
+# cursors with fetchone/fetchmany/fetchall/lastrowid, ``executemany``,
+# ``close``), so every generic method runs unchanged on both.  What differs
+# lives here: connecting, the placeholder style, the DDL (bigserial, bytea),
+# one-statement inserts, server-side cursors for streaming, COPY for bulk copies.
+
+#: the URL prefixes that name a PostgreSQL database instead of a SQLite file
+PG_SCHEMES = ("postgresql://", "postgres://")
+
+#: what to install for PostgreSQL databases
+PG_INSTALL = "pip install 'psycopg[binary]'"
+
+#: the ``messages`` table on PostgreSQL: the same columns as :data:`_SCHEMA`
+_PG_SCHEMA = """CREATE TABLE IF NOT EXISTS messages (
+    id bigserial PRIMARY KEY,
+    timestamp double precision NOT NULL,
+    pair_id text NOT NULL,
+    subtopic text NOT NULL CHECK (subtopic IN ('esp', 'log', 'shr', 'srv')),
+    message bytea NOT NULL
+)"""
+
+#: where ``mqbtt copy`` remembers how far it copied each source (see :func:`copy`)
+_COPIES_SCHEMA = """CREATE TABLE IF NOT EXISTS mqbtt_copies (
+    source TEXT PRIMARY KEY,
+    last_id BIGINT NOT NULL,
+    copied BIGINT NOT NULL,
+    origin TEXT,
+    updated DOUBLE PRECISION
+)"""
+
+
+def is_pg_url(path) -> bool:
+    """Whether *path* names a PostgreSQL database (``postgresql://…`` or
+    ``postgres://…``) rather than a SQLite file."""
+    return isinstance(path, str) and path[:13].lower().startswith(PG_SCHEMES)
+
+
+def _redact_db(path) -> str:
+    """*path* for display: a PostgreSQL URL with its password (in the user
+    info or as a ``password=`` parameter) replaced by ``***``."""
+    if not is_pg_url(path):
+        return path
+    import re
+    scheme, rest = path.split("://", 1)
+    at = rest.rfind("@")
+    if at >= 0:
+        userinfo, rest = rest[:at], rest[at + 1:]
+        if ":" in userinfo:
+            userinfo = userinfo.split(":", 1)[0] + ":***"
+        rest = userinfo + "@" + rest
+    rest = re.sub(r"(?i)([?&]password=)[^&#]*", r"\1***", rest)
+    return f"{scheme}://{rest}"
+
+
+def _psycopg():
+    """The psycopg module, or MQbtTError naming the pip command (one line)."""
+    try:
+        import psycopg
+    except ImportError as err:
+        why = str(err).strip().splitlines()[0] if str(err).strip() else "not installed"
+        raise MQbtTError(f"PostgreSQL databases need the psycopg 3 driver ({why}): "
+                         f"{PG_INSTALL}") from None
+    return psycopg
+
+
+def _pg_message(err, secret=None) -> str:
+    """One line of a driver error, never holding the password (libpq quotes
+    the URL in some errors)."""
+    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
+    for word in secret or ():
+        text = text.replace(word, "***")
+    return text
+
+
+def _pg_password(url) -> list:
+    """The texts to scrub from errors about *url*: its password(s), raw and decoded."""
+    import re
+    import urllib.parse
+    rest = url.split("://", 1)[-1]
+    found = []
+    at = rest.rfind("@")
+    if at >= 0 and ":" in rest[:at]:
+        found.append(rest[:at].split(":", 1)[1])
+    found += re.findall(r"(?i)[?&]password=([^&#]*)", rest)
+    found += [urllib.parse.unquote(w) for w in found]
+    return sorted({w for w in found if w}, key=len, reverse=True)
+
+
+import functools  # noqa: E402 - stdlib
+
+
+@functools.lru_cache(maxsize=512)
+def _pg_sql(sql: str) -> str:
+    """SQLite-dialect SQL as mqbtt writes it -> psycopg: ``?`` -> ``%s`` (and
+    ``%`` -> ``%%``) outside quotes; ``instr(col, ?)`` -> ``position(? in col)``."""
+    import re
+    sql = re.sub(r"\binstr\(\s*([A-Za-z_][\w.]*)\s*,\s*\?\s*\)", r"position(? in \1)", sql,
+                 flags=re.I)
+    out, quote = [], None
+    for ch in sql:
+        if quote:
+            out.append("%%" if ch == "%" else ch)
+            if ch == quote:
+                quote = None
+        elif ch in "'\"":
+            quote = ch
+            out.append(ch)
+        elif ch == "?":
+            out.append("%s")
+        elif ch == "%":
+            out.append("%%")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+@functools.lru_cache(maxsize=64)
+def _pg_insert_sql(n: int) -> str:
+    return ("INSERT INTO messages (timestamp, pair_id, subtopic, message) VALUES "
+            + ", ".join(["(%s, %s, %s, %s)"] * n))
+
+
+class _PGCursor:
+    """A psycopg cursor seen as a sqlite3 cursor (``lastrowid`` of an INSERT)."""
+    __slots__ = ("_cur", "lastrowid")
+
+    def __init__(self, cur, returning):
+        self._cur = cur
+        self.lastrowid = cur.fetchone()[0] if returning else None
+
+    def __getattr__(self, name):
+        return getattr(self._cur, name)
+
+    def __iter__(self):
+        return iter(self._cur)
+
+
+class _PGStream:
+    """A server-side cursor (``DECLARE … CURSOR``) on the reading connection:
+    ``fetchmany(n)`` fetches the next *n* rows from the server."""
+
+    def __init__(self, owner, cur):
+        self._owner, self._cur = owner, cur
+
+    def fetchmany(self, n=1000):
+        try:
+            return self._cur.fetchmany(n)
+        except self._owner._error as err:
+            raise MQbtTError(f"cannot read the database {self._owner.display}: "
+                             f"{_pg_message(err, self._owner._secret)}") from None
+
+    def __iter__(self):
+        while True:
+            rows = self.fetchmany(1000)
+            if not rows:
+                return
+            yield from rows
+
+    def close(self):
+        cur, self._cur = self._cur, None
+        if cur is not None:
+            try:
+                cur.close()
+            finally:
+                self._owner._end_stream()
+
+
+class _PGConnection:
+    """The PostgreSQL backend of :class:`MQbtTDataBase` (psycopg 3), shaped
+    like the sqlite3.Connection it replaces.
+
+    Statements run in autocommit mode unless a ``BEGIN`` opened a transaction
+    (as with ``sqlite3.connect(isolation_level=None)``).  Streaming queries
+    (:meth:`stream`) run on a second connection opened on first use, inside
+    one read transaction shared by the open streams, so that they never see
+    (or end) the writer's transactions.  Errors become :class:`MQbtTError`
+    (one line, without the password)."""
+
+    backend = "postgresql"
+
+    def __init__(self, url: str, display: str, connect_timeout: float = 10.0):
+        psycopg = _psycopg()
+        self._url, self.display = url, display
+        self._secret = _pg_password(url)
+        self._error = psycopg.Error
+        self._timeout = connect_timeout
+        self._pg = self._connect(autocommit=True)
+        self._reader = None
+        self._streams = 0
+        self._names = 0
+        self._rlock = threading.Lock()
+
+    def _connect(self, autocommit):
+        psycopg = _psycopg()
+        try:
+            return psycopg.connect(self._url, autocommit=autocommit, application_name="mqbtt",
+                                   connect_timeout=max(1, int(self._timeout)))
+        except psycopg.Error as err:
+            raise MQbtTError(f"cannot open the database {self.display}: "
+                             f"{_pg_message(err, self._secret)}") from None
+        except (ValueError, TypeError) as err:   # a URL libpq cannot parse
+            raise MQbtTError(f"cannot open the database {self.display}: "
+                             f"{_pg_message(err, self._secret)}") from None
+
+    def _fail(self, err, what="use"):
+        return MQbtTError(f"cannot {what} the database {self.display}: {_pg_message(err, self._secret)}")
+
+    # -- the sqlite3.Connection surface ------------------------------------------
+    def execute(self, sql, params=()):
+        q = _pg_sql(sql)
+        # sqlite3's lastrowid of an INSERT into messages: RETURNING id
+        returning = (bool(params) and " ".join(q.split()[:3]).upper() == "INSERT INTO MESSAGES"
+                     and "RETURNING" not in q.upper())
+        if returning:
+            q += " RETURNING id"
+        try:
+            # always a tuple, even empty: psycopg then turns %% back into %
+            return _PGCursor(self._pg.execute(q, tuple(params or ())), returning)
+        except self._error as err:
+            raise self._fail(err) from None
+
+    def executemany(self, sql, rows):
+        try:
+            with self._pg.cursor() as cur:
+                cur.executemany(_pg_sql(sql), rows)
+        except self._error as err:
+            raise self._fail(err, "write to") from None
+
+    def close(self):
+        try:
+            if self._reader is not None:
+                self._reader.close()
+        finally:
+            self._reader = None
+            self._pg.close()
+
+    # -- PostgreSQL only -----------------------------------------------------------
+    def create_schema(self):
+        """Create the ``messages`` table and its indices if missing (under an
+        advisory lock, so that recorders starting together don't race)."""
+        try:
+            if self._pg.execute("SELECT to_regclass('messages')").fetchone()[0] is not None:
+                return
+            with self._pg.transaction():
+                self._pg.execute("SELECT pg_advisory_xact_lock(hashtext('mqbtt-schema'))")
+                self._pg.execute(_PG_SCHEMA)
+                for sql in _INDICES:
+                    self._pg.execute(sql)
+        except self._error as err:
+            raise self._fail(err) from None
+
+    def insert_rows(self, rows):
+        """Insert ``(timestamp, pair_id, subtopic, payload)`` rows and commit:
+        one statement (one round trip, atomic in autocommit mode) per 1000 rows."""
+        try:
+            if len(rows) <= 1000:
+                self._pg.execute(_pg_insert_sql(len(rows)), [v for r in rows for v in r])
+                return
+            with self._pg.transaction():
+                for i in range(0, len(rows), 1000):
+                    part = rows[i:i + 1000]
+                    self._pg.execute(_pg_insert_sql(len(part)), [v for r in part for v in r])
+        except self._error as err:
+            raise self._fail(err, "write to") from None
+
+    def stream(self, sql, params=()):
+        """Run a SELECT through a server-side cursor; return a cursor whose
+        ``fetchmany(n)`` fetches *n* rows at a time (memory stays flat)."""
+        with self._rlock:
+            if self._reader is None:
+                self._reader = self._connect(autocommit=False)
+            self._streams += 1
+            self._names += 1
+            name = f"mqbtt_stream_{self._names}"
+        try:
+            cur = self._reader.cursor(name=name)
+            cur.itersize = 1000
+            cur.execute(_pg_sql(sql), tuple(params or ()))
+        except self._error as err:
+            self._end_stream()
+            raise self._fail(err, "read") from None
+        return _PGStream(self, cur)
+
+    def _end_stream(self):
+        with self._rlock:
+            self._streams -= 1
+            if self._streams == 0 and self._reader is not None:
+                try:
+                    self._reader.commit()   # ends the read transaction: later streams see new rows
+                except self._error:
+                    self._reader.close()
+                    self._reader = None
+
+    def claim(self, key: str, what: str, wait: float = 3.0):
+        """Hold a session advisory lock on *key* for the life of this
+        connection; raise MQbtTError(*what*) if another session holds it
+        after *wait* seconds (a killed holder's lock goes with its connection)."""
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                got = self._pg.execute("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))",
+                                       (key,)).fetchone()[0]
+            except self._error as err:
+                raise self._fail(err) from None
+            if got:
+                return
+            if time.monotonic() >= deadline:
+                raise MQbtTError(what)
+            time.sleep(0.2)
+
+    def copy_rows(self, rows, with_ids: bool) -> None:
+        """``COPY messages FROM STDIN`` in binary format (the bulk path of :func:`copy`)."""
+        cols = "id, timestamp, pair_id, subtopic, message" if with_ids else \
+            "timestamp, pair_id, subtopic, message"
+        types = (["int8"] if with_ids else []) + ["float8", "text", "text", "bytea"]
+        try:
+            with self._pg.cursor() as cur:
+                with cur.copy(f"COPY messages ({cols}) FROM STDIN (FORMAT BINARY)") as cp:
+                    cp.set_types(types)
+                    write = cp.write_row
+                    for r in rows:
+                        write(r)
+        except self._error as err:
+            raise self._fail(err, "write to") from None
+
+    def can_set_ids(self) -> bool:
+        """Whether this user may move the id sequence (needed to copy rows with their ids)."""
+        return bool(self.execute("SELECT has_sequence_privilege(pg_get_serial_sequence('messages', "
+                                 "'id'), 'UPDATE')").fetchone()[0])
+
+    def fix_sequence(self):
+        """After rows were copied with their ids: the next id follows the largest."""
+        self.execute("SELECT setval(pg_get_serial_sequence('messages', 'id'), "
+                     "(SELECT max(id) FROM messages))")
+
+
+def check_share_group(group) -> str:
+    """*group* if it can name a shared subscription (``$share/<group>/…``):
+    non-empty, no ``/``, ``+``, ``#`` or control characters; else ValueError."""
+    if not isinstance(group, str) or not group:
+        raise ValueError("the share group must be a non-empty string")
+    bad = [c for c in group if c in "/+#" or not c.isprintable()]
+    if bad:
+        raise ValueError(f"the share group {group!r} must not contain {bad[0]!r} "
+                         "(no '/', '+', '#' or control characters)")
+    return group
+
+
+def _claim_recorder(db, client_id: str) -> None:
+    """One recorder per client id on a PostgreSQL database: hold an advisory
+    lock named after the client id for the recorder's life (released by the
+    server when its connection ends, also after a kill)."""
+    try:
+        db._conn.claim(f"mqbtt-recorder:{client_id}",
+                       f"another recorder with client id {client_id!r} is writing {db.path} "
+                       "(one recorder per client id: on one machine, give each member of a "
+                       "--share group its own --client-id)")
+    except BaseException:
+        db.close()
+        raise
+
+
+def _db_identity(path) -> tuple:
+    """What two names of one database have in common (for refusing a copy
+    into itself): the real path of a file, host/port/dbname of a URL."""
+    if is_pg_url(path):
+        import urllib.parse
+        try:
+            u = urllib.parse.urlsplit(path)
+            host = (u.hostname or os.environ.get("PGHOST") or "localhost").lower()
+            if host in ("127.0.0.1", "::1"):
+                host = "localhost"
+            return ("pg", host, u.port or int(os.environ.get("PGPORT", "5432")),
+                    u.path.lstrip("/") or u.username or os.environ.get("PGDATABASE", ""))
+        except ValueError:
+            return ("pg", path)
+    return ("sqlite", os.path.realpath(path))
+
+
+def _source_key(db) -> tuple:
+    """(key, first id): a source recording is known by a hash of its first
+    row, so it keeps its identity when its file moves or it is copied."""
+    import hashlib
+    row = db._conn.execute("SELECT id, timestamp, pair_id, subtopic, message FROM messages "
+                           "ORDER BY id LIMIT 1").fetchone()
+    if row is None:
+        return None, None
+    rid, ts, pid, sub, msg = row
+    if not isinstance(msg, (bytes, bytearray, memoryview)):
+        msg = str(msg).encode("utf-8")
+    h = hashlib.sha256(f"{float(ts)!r}\0{pid}\0{sub}\0".encode("utf-8", "surrogateescape"))
+    h.update(bytes(msg))
+    return "first-row-sha256:" + h.hexdigest(), rid
+
+
+def copy(src: str, dst: str, *, chunk: int = 50000, progress=None) -> tuple:
+    """Copy the recording *src* into *dst*; each is a SQLite path or a
+    PostgreSQL URL (SQLite -> PostgreSQL, back, or between two of a kind).
+
+    Idempotent and incremental: *dst* keeps, in its table ``mqbtt_copies``,
+    how far (which source id) each source was copied, updated in the same
+    transaction as the rows of each chunk.  A second copy of the same source
+    therefore adds nothing, a copy of a grown recording adds only the new
+    rows, and an interrupted copy resumes where its last chunk committed.  A
+    source is known by a hash of its first row, so moving the file or copying
+    a copy does not make it look new.  Into a *dst* with no messages the ids
+    are kept: the copy is an exact replica.
+
+    :param progress: called with ``(rows_copied_so_far, rows_to_copy)`` after each chunk.
+    :returns: ``(copied, skipped)``: rows added now, rows found already copied.
+    :raises MQbtTError: for a missing source, a copy into itself, database errors."""
+    if not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk must be a positive integer, not {chunk!r}")
+    for name, path in (("source", src), ("destination", dst)):
+        if not isinstance(path, str) or not path.strip():
+            raise ValueError(f"the {name} database must be a file path or a postgresql:// URL")
+    if not is_pg_url(src) and not os.path.isfile(src):
+        raise MQbtTError(f"no such database: {src}")
+    if _db_identity(src) == _db_identity(dst) or (
+            not is_pg_url(src) and not is_pg_url(dst) and os.path.exists(dst)
+            and os.path.samefile(src, dst)):
+        raise MQbtTError(f"{_redact_db(src)} and {_redact_db(dst)} are the same database")
+    import sqlite3
+    with MQbtTDataBase(src) as s, MQbtTDataBase(dst) as d:
+        key, first_id = _source_key(s)
+        if key is None:
+            return 0, 0
+        dpg = d.backend == "postgresql"
+        try:
+            d._conn.execute(_COPIES_SCHEMA)
+            mark = d._conn.execute("SELECT last_id FROM mqbtt_copies WHERE source = ?",
+                                   (key,)).fetchone()
+            start = mark[0] if mark else first_id - 1
+            keep_ids = mark is None and d._conn.execute(
+                "SELECT 1 FROM messages LIMIT 1").fetchone() is None
+            if keep_ids and dpg and not d._conn.can_set_ids():
+                keep_ids = False   # ids from the sequence: explicit ones would collide later
+            total, before = s._conn.execute(
+                "SELECT count(*), count(CASE WHEN id <= ? THEN 1 END) FROM messages",
+                (start,)).fetchone()
+        except sqlite3.Error as err:
+            raise MQbtTError(f"cannot use the database {d.path}: {err}") from None
+        todo = total - before
+        sql = ("SELECT id, timestamp, pair_id, subtopic, message FROM messages WHERE id > ? "
+               "ORDER BY id")
+        # into an empty destination: one transaction, the indices dropped and
+        # built again at the end (several times faster than maintaining them
+        # row by row); otherwise one transaction per chunk, so that an
+        # interrupted copy resumes after its last committed chunk
+        bulk = keep_ids and todo > chunk
+        if not dpg:
+            d._conn.execute("PRAGMA cache_size = -262144")   # up to 256 MiB for this connection
+        cur = (s._conn.stream if s.backend == "postgresql" else s._conn.execute)(sql, (start,))
+        copied = 0
+        origin = s.path
+        try:
+            if bulk:
+                d._conn.execute("BEGIN")
+                try:
+                    for index in _INDICES:
+                        d._conn.execute(f"DROP INDEX IF EXISTS {index.split()[5]}")
+                except (MQbtTError, sqlite3.Error):   # not the table's owner: row by row
+                    d._conn.execute("ROLLBACK")
+                    bulk = False
+            while True:
+                rows = cur.fetchmany(chunk)
+                if not rows:
+                    break
+                last = rows[-1][0]
+                if any(r[4].__class__ is not bytes for r in rows):
+                    rows = [r if r[4].__class__ is bytes else
+                            (*r[:4], r[4].encode("utf-8") if isinstance(r[4], str) else bytes(r[4] or b""))
+                            for r in rows]
+                if not bulk:
+                    d._conn.execute("BEGIN")
+                if dpg:
+                    d._conn.copy_rows(rows if keep_ids else [r[1:] for r in rows], keep_ids)
+                elif keep_ids:
+                    d._conn.executemany("INSERT INTO messages (id, timestamp, pair_id, subtopic, "
+                                        "message) VALUES (?, ?, ?, ?, ?)", rows)
+                else:
+                    d._conn.executemany("INSERT INTO messages (timestamp, pair_id, subtopic, "
+                                        "message) VALUES (?, ?, ?, ?)", [r[1:] for r in rows])
+                d._conn.execute(
+                    "INSERT INTO mqbtt_copies (source, last_id, copied, origin, updated) "
+                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT (source) DO UPDATE SET "
+                    "last_id = excluded.last_id, copied = mqbtt_copies.copied + excluded.copied, "
+                    "origin = excluded.origin, updated = excluded.updated",
+                    (key, last, len(rows), origin, time.time()))
+                if not bulk:
+                    d._conn.execute("COMMIT")
+                copied += len(rows)
+                if progress is not None:
+                    progress(copied, todo)
+            if bulk:
+                for index in _INDICES:
+                    d._conn.execute(index)
+                d._conn.execute("COMMIT")
+        except BaseException as err:
+            try:
+                d._conn.execute("ROLLBACK")
+            except Exception:
+                pass
+            if isinstance(err, sqlite3.Error):
+                raise MQbtTError(f"cannot copy {s.path} to {d.path}: {err}") from None
+            raise
+        finally:
+            cur.close()
+        if dpg and keep_ids and copied:
+            d._conn.fix_sequence()
+        return copied, before
 
 
 ###############################################################################
@@ -5365,6 +5922,7 @@ COMMANDS = {
     "replay": "republish a recorded pair's traffic with its original timing",
     "info": "summarise a recording: its pairs, message counts and times",
     "export": "write a recording's decoded messages as JSON lines or CSV",
+    "copy": "copy a recording between databases (SQLite, PostgreSQL)",
     "echo": "fake miner answering every request (for testing optimizers)",
     "upgrade": "upgrade this mqbtt.pyz to the latest release",
     "restart": "restart an AxeOS miner and log the event to OpenObserve",
@@ -5491,6 +6049,9 @@ def _cmd_record(argv):
                    help="record only this pair (repeat for several; default: every pair)")
     p.add_argument("--duration", metavar="SECONDS", type=_seconds,
                    help="stop after SECONDS (default: run until Ctrl-C or SIGTERM)")
+    p.add_argument("--share", metavar="GROUP", type=_share_arg,
+                   help="subscribe as a member of the shared subscription GROUP "
+                        "($share/GROUP/mqbtt/+/...): N recorders split the stream")
     a = p.parse_args(argv)
     try:
         exclude = parse_subtopics(a.exclude)
@@ -5501,7 +6062,7 @@ def _cmd_record(argv):
     if a.client_id is not None and not a.client_id.strip():
         p.error("--client-id must not be empty")
     record(a.broker, a.db, exclude=exclude, client_id=a.client_id, status=sys.stderr,
-           pair_ids=a.pids, duration=a.duration)
+           pair_ids=a.pids, duration=a.duration, share=a.share)
     return 0
 
 
@@ -5580,7 +6141,7 @@ def _replay_cli(a, to) -> int:
             old[sig] = signal.signal(sig, lambda signum, frame: stop.set())
         state["total"] = plan["messages"]
         print(f"mqbtt replay: publishing {plan['messages']} messages of pair {_show_pair(a.pid)} "
-              f"of {a.db} ({_iso_utc(plan['first_timestamp'])} to "
+              f"of {_redact_db(a.db)} ({_iso_utc(plan['first_timestamp'])} to "
               f"{_iso_utc(plan['last_timestamp'])}) as {_show_pair(to)} at speed {a.speed:g}",
               file=sys.stderr, flush=True)
 
@@ -5648,7 +6209,7 @@ def _cmd_info(argv):
     if info["wal_size"]:
         size = size[:-2] + f" (+ {_human_size(info['wal_size'])} of write-ahead log), "
     pairs = info["pairs"]
-    print(f"{a.db}: {size}{len(pairs)} pair{'s' * (len(pairs) != 1)}, "
+    print(f"{_redact_db(a.db)}: {size}{len(pairs)} pair{'s' * (len(pairs) != 1)}, "
           f"{info['messages']} message{'s' * (info['messages'] != 1)}")
     if pairs:
         names = {pid: _show_pair(pid) for pid in pairs}
@@ -5679,6 +6240,48 @@ def _cmd_export(argv):
                min_timestamp=a.from_, max_timestamp=a.to)
     except MQbtTNotFound as err:
         return _fail("export", err)
+    return 0
+
+
+def _share_arg(text):
+    """argparse type: a valid shared-subscription group."""
+    import argparse
+    try:
+        return check_share_group(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _db_arg(text):
+    """argparse type: a database path or PostgreSQL URL (not empty)."""
+    import argparse
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the database must be a file path or a postgresql:// URL")
+    return text
+
+
+def _cmd_copy(argv):
+    p = _parser("copy")
+    p.add_argument("src", metavar="SRC", type=_db_arg,
+                   help="the recording to copy: a SQLite file or postgresql://user@host:port/dbname")
+    p.add_argument("dst", metavar="DST", type=_db_arg,
+                   help="the database to copy into (created if needed); copying again adds "
+                        "only rows not copied before")
+    a = p.parse_args(argv)
+    tty = sys.stderr.isatty()
+    t0 = time.monotonic()
+
+    def progress(done, todo):
+        if tty:
+            sys.stderr.write(f"\r\x1b[Kmqbtt copy: {done}/{todo} rows")
+            sys.stderr.flush()
+
+    copied, skipped = copy(a.src, a.dst, progress=progress)
+    if tty and copied:
+        sys.stderr.write("\n")
+    dt = time.monotonic() - t0
+    print(f"mqbtt copy: {copied} rows copied from {_redact_db(a.src)} to {_redact_db(a.dst)} "
+          f"in {dt:.1f} s ({skipped} copied before)", file=sys.stderr, flush=True)
     return 0
 
 
@@ -5898,6 +6501,7 @@ _HANDLERS = {
     "replay": _cmd_replay,
     "info": _cmd_info,
     "export": _cmd_export,
+    "copy": _cmd_copy,
     "echo": _cmd_echo,
     "upgrade": _cmd_upgrade,
     "install-links": _cmd_install_links,

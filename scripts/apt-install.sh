@@ -10,7 +10,7 @@ set -eu
 # `make demo`: a broker for the demo exchange
 DEMO_PACKAGES="mosquitto"
 # `make test`: everything the test suite starts or calls
-TEST_PACKAGES="$DEMO_PACKAGES mosquitto-clients protobuf-compiler openssl strace prometheus tmux"
+TEST_PACKAGES="$DEMO_PACKAGES mosquitto-clients protobuf-compiler openssl strace prometheus tmux postgresql"
 
 case "${1:-}" in
   demo) wanted=$DEMO_PACKAGES ;;
