@@ -127,7 +127,7 @@ def session(broker, pair_id, n=6, shares_per_request=2):
             mqbtt.MQbtTOptimizer(broker.uri, pair_id) as opt:
         for i in range(n):
             req = Request(timestamp_min=i, timestamp_max=i + 1, nonce_start=i, nonce_size=4)
-            opt.send_request(req)
+            req = opt.send_request(req)          # as sent: with its request_id
             sent.append(("srv", req.to_bytes()))
             assert miner.receive_request(timeout=10) == req
             for k in range(shares_per_request):
@@ -139,7 +139,7 @@ def session(broker, pair_id, n=6, shares_per_request=2):
             miner.send_log(line)
             sent.append(("log", line.encode()))
             reply = mqbtt.echo_reply(req)
-            miner.send_reply(reply)
+            reply = miner.send_reply(reply)      # as sent: with the request's id
             sent.append(("esp", reply.to_bytes()))
             assert opt.receive_reply(timeout=10) == reply
             for _ in range(shares_per_request):
