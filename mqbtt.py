@@ -192,6 +192,54 @@ def _serialize(self, pbname, **fields):
 
 _new = object.__new__
 
+# -- field validation (issue 12): constructors refuse wrong types and values
+# out of range, so nothing goes out silently converted; from_bytes() bypasses
+# it (decoded values are valid by construction).
+
+_U32 = 0xFFFFFFFF
+_U64 = 0xFFFFFFFFFFFFFFFF
+
+
+def _check_uint(obj, name, value, top):
+    """*value* is an int in 0..*top* (bool excluded), else TypeError/ValueError."""
+    if value.__class__ is not int:
+        import operator
+        if isinstance(value, bool):
+            raise TypeError(f"{type(obj).__name__}.{name} must be an integer, not {value!r}")
+        try:
+            value = operator.index(value)
+        except TypeError:
+            raise TypeError(f"{type(obj).__name__}.{name} must be an integer, "
+                            f"not {type(value).__name__}") from None
+    if not 0 <= value <= top:
+        raise ValueError(f"{type(obj).__name__}.{name} must be in 0..{top}, not {value}"[:300])
+
+
+def _check_bool(obj, name, value):
+    if value is not True and value is not False:
+        raise TypeError(f"{type(obj).__name__}.{name} must be a bool, not {value!r}"[:300])
+
+
+def _check_real(obj, name, value):
+    """*value* is a float, or an int that fits a double (NaN and infinities
+    are allowed: the wire format is a protobuf double)."""
+    if value.__class__ is float:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{type(obj).__name__}.{name} must be a real number, "
+                        f"not {type(value).__name__}")
+    try:
+        float(value)
+    except OverflowError:
+        raise ValueError(f"{type(obj).__name__}.{name} is too large for a double") from None
+
+
+def _check_type(obj, name, value, cls):
+    if value.__class__ is not cls and not isinstance(value, cls):
+        raise TypeError(f"{type(obj).__name__}.{name} must be {cls.__name__}, "
+                        f"not {type(value).__name__}")
+
+
 
 class Kind(enum.IntEnum):
     """The kind of a :class:`Reply`."""
@@ -214,14 +262,23 @@ class Request:
     :param nonce_size: Maximum nonce.
     :param reset: Whether to reset the state.
 
-    Integers are unsigned 32-bit on the wire (a ``ValueError`` is raised by
-    :meth:`to_bytes` otherwise).
+    Integers are unsigned 32-bit on the wire: the constructor raises
+    ``TypeError`` for a value that is not an ``int`` (``reset``: not a
+    ``bool``) and ``ValueError`` for one out of range.
     """
     timestamp_min: int = 0
     timestamp_max: int = 0
     nonce_start: int = 0
     nonce_size: int = 0
     reset: bool = False
+
+    def __post_init__(self):
+        d = self.__dict__
+        for name in ("timestamp_min", "timestamp_max", "nonce_start", "nonce_size"):
+            v = d[name]
+            if v.__class__ is not int or not 0 <= v <= _U32:
+                _check_uint(self, name, v, _U32)
+        _check_bool(self, "reset", d["reset"])
 
     def to_bytes(self) -> bytes:
         """Serialize the Request to bytes using protobuf.
@@ -253,10 +310,31 @@ class Reply:
     :param kind: The kind of reply (e.g., RESULT).
     :param num_shares: Number of shares in the reply (unsigned 64-bit).
     :param new_block: Whether a new block was found.
+
+    The constructor raises ``TypeError`` for a value of the wrong type (e.g.
+    ``kind=1.0``) and ``ValueError`` for one out of range; an int *kind* is
+    converted to :class:`Kind`.
     """
     kind: Kind = Kind.RESULT
     num_shares: int = 0
     new_block: bool = False
+
+    def __post_init__(self):
+        d = self.__dict__
+        kind = d["kind"]
+        if kind.__class__ is not Kind:
+            if kind.__class__ is not int and not (isinstance(kind, int) and not isinstance(kind, bool)):
+                raise TypeError(f"Reply.kind must be a Kind or an int, not {kind!r}"[:300])
+            try:
+                d["kind"] = Kind(kind)
+            except ValueError:
+                raise ValueError(f"Reply.kind must be one of "
+                                 f"{', '.join(f'{k.name} ({k.value})' for k in Kind)}, "
+                                 f"not {kind}"[:300]) from None
+        v = d["num_shares"]
+        if v.__class__ is not int or not 0 <= v <= _U64:
+            _check_uint(self, "num_shares", v, _U64)
+        _check_bool(self, "new_block", d["new_block"])
 
     def to_bytes(self) -> bytes:
         """Serialize the Reply to bytes using protobuf.
@@ -303,6 +381,10 @@ class Share:
     :param extranonce2: The extranonce2 (the stratum hex string).
     :param diff: The difficulty of the share (a real number).
     :param zeroes: The (approximate) number of leading binary zeroes in the share.
+
+    The constructor raises ``TypeError`` for a value of the wrong type and
+    ``ValueError`` for one out of range (integers are unsigned 32-bit; a real
+    number must fit a double).
     """
     version: int = 0
     prev_block: bytes = b""
@@ -316,6 +398,22 @@ class Share:
     extranonce2: str = ""
     diff: float = 0.0
     zeroes: int = 0
+
+    def __post_init__(self):
+        d = self.__dict__
+        for name in _SHARE_U32:
+            v = d[name]
+            if v.__class__ is not int or not 0 <= v <= _U32:
+                _check_uint(self, name, v, _U32)
+        for name in ("pool_diff", "diff"):
+            if d[name].__class__ is not float:
+                _check_real(self, name, d[name])
+        for name in ("prev_block", "merkle_root"):
+            if d[name].__class__ is not bytes:
+                _check_type(self, name, d[name], bytes)
+        for name in ("job_id", "extranonce2"):
+            if d[name].__class__ is not str:
+                _check_type(self, name, d[name], str)
 
     def to_bytes(self) -> bytes:
         """Serialize the Share to bytes using protobuf.
@@ -372,6 +470,7 @@ class Share:
 
 
 _SHARE_FIELDS = frozenset(f.name for f in dataclasses.fields(Share))
+_SHARE_U32 = ("version", "time", "pool_time", "bits", "nonce", "zeroes")
 # The generated __init__ keeps the defaults; the class attributes holding them
 # would hide the lazily-read fields from __getattr__.
 for _name in _SHARE_FIELDS:
