@@ -720,6 +720,7 @@ class _Connection:
         self.connected_at = 0.0
         self.subscribed = False
         self.error = None
+        self.aborted = False
         self.client = c = _paho_client(broker, client_id, clean_session, **kwargs)
         c.on_connect = self._on_connect
         c.on_subscribe = self._on_subscribe
@@ -738,14 +739,17 @@ class _Connection:
         deadline = time.monotonic() + timeout
         try:
             with self.cond:
-                while not (self.subscribed or self.error):
+                while not (self.subscribed or self.error or self.aborted):
                     left = deadline - time.monotonic()
                     if left <= 0:
                         break
                     self.cond.wait(left)
                 err = self.error
-                ok = self.subscribed and err is None
+                ok = self.subscribed and err is None and not self.aborted
                 self.started = ok
+                if self.aborted and err is None:
+                    err = MQbtTConnectionError(f"connection to {self.broker} abandoned: stopped "
+                                               "while connecting")
         except BaseException:   # Ctrl-C while connecting: leave no client running
             self.stop()
             raise
@@ -806,13 +810,33 @@ class _Connection:
             if self.on_drop is not None:
                 self.on_drop(lasted)
 
+    def abort(self):
+        """End a :meth:`start` in progress (safe from a signal handler)."""
+        self.aborted = True
+        with self.cond:
+            self.cond.notify_all()
+
     def stop(self):
         self.stopping = True
         try:
             self.client.disconnect()
         except Exception:  # pragma: no cover - paho raises nothing here normally
             pass
-        self.client.loop_stop()
+        _loop_stop(self.client)
+
+
+def _loop_stop(client, timeout: float = 2.0):
+    """paho's ``loop_stop()`` without its unbounded join: a network thread
+    stuck in a connection attempt (up to ``connect_timeout``) is left to end
+    by itself (it is a daemon thread)."""
+    thread = getattr(client, "_thread", None)
+    if thread is None or thread is threading.current_thread():
+        client.loop_stop()
+        return
+    client._thread_terminate = True
+    thread.join(timeout)
+    if not thread.is_alive():
+        client._thread = None
 
 
 class MQbtTBase:
@@ -1344,6 +1368,36 @@ def _epoch(value, name="timestamp") -> float:
     raise TypeError(f"{name} must be a datetime or seconds since the epoch, not {type(value).__name__}")
 
 
+def _row_time(ts):
+    """The UTC datetime of a stored timestamp, or None when another tool
+    stored something that is not a usable time (text, NULL, 1e300, NaN)."""
+    if ts.__class__ is float:
+        try:
+            return _utc(ts)
+        except (OverflowError, OSError, ValueError):
+            return None
+    if isinstance(ts, bool) or not isinstance(ts, (int, float)):
+        return None
+    try:
+        return _utc(float(ts))
+    except (OverflowError, OSError, ValueError):
+        return None
+
+
+def _row_payload(payload) -> bytes:
+    """The bytes of a stored message: a BLOB as it is, TEXT as UTF-8, a
+    number or NULL (written by another tool) as its text / empty."""
+    if payload.__class__ is bytes:
+        return payload
+    if payload is None:
+        return b""
+    if isinstance(payload, str):
+        return payload.encode("utf-8", "surrogatepass")
+    if isinstance(payload, (bytearray, memoryview)):
+        return bytes(payload)
+    return str(payload).encode()
+
+
 def _try_decode(subtopic, payload):
     try:
         return decode(subtopic, payload)
@@ -1361,7 +1415,8 @@ class MQbtTRecord:
     :param subtopic: The subtopic of the message (``esp``, ``log``, ``shr``, ``srv``).
     :param timestamp: The timestamp of the message recording: a timezone-aware
       UTC datetime (a naive datetime given here is taken as local time, a
-      number as seconds since the epoch).
+      number as seconds since the epoch).  None for a row whose timestamp is
+      not a usable time (text, NULL or out of range, written by another tool).
     :param payload: The raw message payload (bytes, exactly as received).
 
     ``message`` is not a parameter: it is computed from *payload* — the
@@ -1401,7 +1456,7 @@ class MQbtTRecord:
         d = self.__dict__
         if "_ts" in d:
             if name == "timestamp":
-                value = d["timestamp"] = _utc(d["_ts"])
+                value = d["timestamp"] = _row_time(d["_ts"])
                 return value
             if name == "message":
                 value = d["message"] = _try_decode(d["subtopic"], d["payload"])
@@ -1420,10 +1475,72 @@ class MQbtTRecord:
 del MQbtTRecord.id, MQbtTRecord.message
 
 
+def _check_db_path(path) -> str:
+    """*path* as a string if it names a database file, else ValueError: an
+    empty path or ``:memory:`` would make SQLite keep everything in memory
+    (and throw it away on exit)."""
+    path = os.fspath(path)
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    if not path.strip() or path.strip() == ":memory:" or "\x00" in path:
+        raise ValueError(f"invalid database path {path!r}: a file path is required "
+                         "(an empty path or ':memory:' would keep nothing)")
+    return path
+
+
+def _sqlite_open(path: str, create: bool):
+    """``(connection, read_only)`` for the SQLite database *path*.
+
+    A database that exists but cannot be written (read-only file, directory
+    or medium) is opened read-only: ``mode=ro``, or ``immutable=1`` when even
+    that fails (a WAL database whose ``-shm`` file cannot be created).  Else
+    it is opened (created if *create*) in WAL mode with the schema."""
+    import sqlite3
+    from urllib.parse import quote
+    writable = os.access(path, os.W_OK) and os.access(os.path.dirname(os.path.abspath(path)), os.W_OK)
+    if not create and not writable:
+        uri = "file:" + quote(os.path.abspath(path))
+        last = None
+        for mode in ("?mode=ro", "?immutable=1"):
+            try:
+                conn = sqlite3.connect(uri + mode, uri=True, timeout=30.0, isolation_level=None,
+                                       check_same_thread=False)
+            except sqlite3.Error as err:
+                last = err
+                continue
+            try:
+                conn.execute("SELECT count(*) FROM messages WHERE 0").fetchall()
+                return conn, True
+            except sqlite3.Error as err:
+                last = err
+                conn.close()
+        raise MQbtTError(f"cannot read the database {path!r}: {last}")
+    try:
+        conn = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
+    except sqlite3.Error as err:
+        raise MQbtTError(f"cannot open the database {path!r}: {err}") from None
+    try:
+        conn.execute("PRAGMA busy_timeout = 30000")
+        conn.execute("PRAGMA journal_mode = WAL")
+        # FULL: a commit survives a power cut too, because the recorder
+        # acknowledges messages to the broker only after it
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute(_SCHEMA)
+        for sql in _INDICES:
+            conn.execute(sql)
+    except sqlite3.Error as err:
+        conn.close()
+        raise MQbtTError(f"cannot use the database {path!r}: {err}") from None
+    return conn, False
+
+
 class MQbtTDataBase:
     """A SQLite database for MQbtT messages.
 
-    The file is created if needed, with exactly the documented table::
+    The file is created by the first :meth:`insert` if needed (reading a
+    database that does not exist raises :exc:`MQbtTError` "no such
+    database", so a mistyped path never leaves an empty file behind), with
+    exactly the documented table::
 
         TABLE messages (
             id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -1450,17 +1567,21 @@ class MQbtTDataBase:
     :meth:`datetime.datetime.timestamp` (so ``datetime.now()`` works as
     expected); numbers are seconds since the epoch.
 
+    A database that exists but cannot be written (read-only file, directory
+    or medium) is opened read-only (:attr:`read_only`): it can be read, and
+    :meth:`insert` raises :exc:`MQbtTError`.  The path must name a file: an
+    empty path or ``:memory:`` raises ``ValueError``.
+
     Use it as a context manager, or call :meth:`close` when done.  The
     documentation also spells it ``MQbtTDatabase``: both names work.
     """
 
     def __init__(self, path: str, batch_size: int = 100, batch_timeout: float = 10.0):
-        import sqlite3
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, not {batch_size!r}")
         if not isinstance(batch_timeout, (int, float)) or batch_timeout < 0:
             raise ValueError(f"batch_timeout must be a non-negative number, not {batch_timeout!r}")
-        self.path = os.fspath(path)
+        self.path = _check_db_path(path)
         self.batch_size = batch_size
         self.batch_timeout = float(batch_timeout)
         self._lock = threading.RLock()
@@ -1468,24 +1589,13 @@ class MQbtTDataBase:
         self._pending_since = 0.0  # monotonic time of the first of them
         self._timer = None
         self._conn = None
-        try:
-            conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None,
-                                   check_same_thread=False)
-        except sqlite3.Error as err:
-            raise MQbtTError(f"cannot open the database {self.path!r}: {err}") from None
-        try:
-            conn.execute("PRAGMA busy_timeout = 30000")
-            conn.execute("PRAGMA journal_mode = WAL")
-            # FULL: a commit survives a power cut too, because the recorder
-            # acknowledges messages to the broker only after it
-            conn.execute("PRAGMA synchronous = FULL")
-            conn.execute(_SCHEMA)
-            for sql in _INDICES:
-                conn.execute(sql)
-        except sqlite3.Error as err:
-            conn.close()
-            raise MQbtTError(f"cannot use the database {self.path!r}: {err}") from None
-        self._conn = conn
+        self._closed = False
+        #: whether the database could only be opened read-only (read-only media)
+        self.read_only = False
+        if os.path.exists(self.path):
+            self._conn, self.read_only = _sqlite_open(self.path, create=False)
+        # else: created by the first insert, so that a mistyped path given
+        # for reading raises "no such database" instead of making an empty one
 
     # -- writing ----------------------------------------------------------------
     def insert(self, record: MQbtTRecord) -> int:
@@ -1504,13 +1614,18 @@ class MQbtTDataBase:
 
     def _insert(self, ts: float, pair_id: str, subtopic: str, payload: bytes, *, autocommit=True) -> int:
         with self._lock:
-            self._check_open()
+            self._check_writable()
             if self._pending == 0:
                 self._conn.execute("BEGIN")
                 self._pending_since = time.monotonic()
-            cur = self._conn.execute(
-                "INSERT INTO messages (timestamp, pair_id, subtopic, message) VALUES (?, ?, ?, ?)",
-                (ts, pair_id, subtopic, payload))
+            try:
+                cur = self._conn.execute(
+                    "INSERT INTO messages (timestamp, pair_id, subtopic, message) VALUES (?, ?, ?, ?)",
+                    (ts, pair_id, subtopic, payload))
+            except BaseException:
+                if self._pending == 0:   # never leave an empty transaction open
+                    self._rollback()
+                raise
             self._pending += 1
             if autocommit:
                 if (self._pending >= self.batch_size
@@ -1526,14 +1641,21 @@ class MQbtTDataBase:
         """Insert ``(timestamp, pair_id, subtopic, payload)`` rows and commit
         them, with the records inserted before (the recorder's path)."""
         with self._lock:
-            self._check_open()
+            self._check_writable()
+            if not rows:
+                self.commit()
+                return
             if self._pending == 0:
                 self._conn.execute("BEGIN")
-            self._conn.executemany(
-                "INSERT INTO messages (timestamp, pair_id, subtopic, message) VALUES (?, ?, ?, ?)",
-                rows)
-            self._pending += len(rows)
-            self.commit()
+            try:
+                self._conn.executemany(
+                    "INSERT INTO messages (timestamp, pair_id, subtopic, message) VALUES (?, ?, ?, ?)",
+                    rows)
+                self._pending += len(rows)
+                self.commit()
+            except BaseException:
+                self._rollback()   # nothing of it is acknowledged: the broker resends it
+                raise
 
     def _timed_commit(self):
         with self._lock:
@@ -1550,7 +1672,7 @@ class MQbtTDataBase:
         with self._lock:
             self._check_open()
             n = self._pending
-            if n:
+            if n or self._conn.in_transaction:
                 self._conn.execute("COMMIT")
                 self._pending = 0
             if self._timer is not None:
@@ -1628,8 +1750,8 @@ class MQbtTDataBase:
                     return
                 from_row = MQbtTRecord._from_row
                 for rid, ts, pid, sub, payload in rows:
-                    if payload.__class__ is not bytes:  # a row written as TEXT by another tool
-                        payload = payload.encode("utf-8") if isinstance(payload, str) else bytes(payload or b"")
+                    if payload.__class__ is not bytes:  # a row written by another tool
+                        payload = _row_payload(payload)
                     yield from_row(rid, ts, pid, sub, payload)
         finally:
             try:
@@ -1661,19 +1783,43 @@ class MQbtTDataBase:
     # -- life cycle -------------------------------------------------------------
     def _check_open(self):
         if self._conn is None:
-            raise MQbtTError(f"the database {self.path!r} is closed")
+            if self._closed:
+                raise MQbtTError(f"the database {self.path!r} is closed")
+            if not os.path.exists(self.path):
+                raise MQbtTError(f"no such database: {self.path}")
+            # created since (e.g. by a recorder started later)
+            self._conn, self.read_only = _sqlite_open(self.path, create=False)
+
+    def _check_writable(self):
+        """Create the database on the first write; refuse one opened read-only."""
+        if self._conn is None and not self._closed and not os.path.exists(self.path):
+            self._conn, self.read_only = _sqlite_open(self.path, create=True)
+        self._check_open()
+        if self.read_only:
+            raise MQbtTError(f"the database {self.path!r} is read-only (read-only file, "
+                             "directory or medium)")
+
+    def _rollback(self):
+        self._pending = 0
+        try:
+            if self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
+        except Exception as err:  # pragma: no cover - the connection is unusable anyway
+            log.error("cannot roll back %s: %s", self.path, err)
 
     def close(self):
         """Close the database connection (committing pending records first).
         Calling it twice is harmless."""
         with self._lock:
             if self._conn is None:
+                self._closed = True
                 return
             try:
                 self.commit()
             finally:
                 self._conn.close()
                 self._conn = None
+                self._closed = True
 
     def __enter__(self):
         return self
@@ -1682,7 +1828,7 @@ class MQbtTDataBase:
         self.close()
 
     def __repr__(self):
-        return f"<MQbtTDataBase {self.path!r}{'' if self._conn else ' closed'}>"
+        return f"<MQbtTDataBase {self.path!r}{' closed' if self._closed else ''}>"
 
 
 #: the spelling used in part of the documentation
@@ -1698,7 +1844,8 @@ def request_reply_pairs(records):
     by another request before any reply is unanswered.
 
     :returns: a generator of ``(request_record, reply_record, latency_seconds)``,
-      with ``reply_record`` and ``latency_seconds`` None for unanswered requests.
+      with ``reply_record`` and ``latency_seconds`` None for unanswered requests
+      (``latency_seconds`` also None when a record has no usable timestamp).
     """
     pending = None
     for r in records:
@@ -1707,7 +1854,8 @@ def request_reply_pairs(records):
                 yield pending, None, None
             pending = r
         elif r.subtopic == "esp" and pending is not None:
-            yield pending, r, (r.timestamp - pending.timestamp).total_seconds()
+            t0, t1 = pending.timestamp, r.timestamp
+            yield pending, r, (None if t0 is None or t1 is None else (t1 - t0).total_seconds())
             pending = None
     if pending is not None:
         yield pending, None, None
@@ -1748,6 +1896,107 @@ def recorder_client_id(broker_uri: str, db_path: str) -> str:
     key = f"{_host_tag()}|{BrokerURI.parse(broker_uri)}|{os.path.realpath(os.fspath(db_path))}"
     # surrogateescape: a Linux file name need not be UTF-8
     return "mqbtt-rec-" + hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
+def _recorded_topic(t):
+    """``(pair_id, subtopic)`` of a topic the recorder received (``str`` or
+    the raw ``bytes``), or None when the schema cannot take it (not UTF-8).
+
+    Anything matching ``mqbtt/+/<subtopic>`` is kept as it is, including an
+    empty pair id (``mqbtt//log``) or one with odd characters."""
+    if t.__class__ is not str:
+        try:
+            t = bytes(t).decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    parts = t.split("/")
+    if len(parts) != 3 or parts[0] != "mqbtt" or parts[2] not in SUBTOPICS:
+        return None
+    return parts[1], parts[2]
+
+
+class _RecorderClaim:
+    """The lock of one recorder (see :func:`_claim_recorder`)."""
+
+    def __init__(self, path, fd):
+        self.path, self.fd = path, fd
+
+    def release(self):
+        if self.fd is None:
+            return
+        try:
+            os.unlink(self.path)   # still locked: a newcomer sees a new inode and retries
+        except OSError:
+            pass
+        os.close(self.fd)
+        self.fd = None
+
+
+def _claim_recorder(db_path: str, client_id: str) -> _RecorderClaim:
+    """Make sure no other recorder with *client_id* records into *db_path*.
+
+    One recorder per (database, client id): two would share the client id
+    and knock each other off the broker.  The claim is an exclusive
+    ``flock`` on ``<db>.rec-<hash of client id>.lock`` holding the owner's
+    pid, host and start time; the kernel drops it when the process dies, so
+    a stale file never blocks a restart.  Raises :exc:`MQbtTError` naming the
+    owner (one line)."""
+    import hashlib
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: no check
+        return _RecorderClaim(None, None)
+    digest = hashlib.sha256(client_id.encode("utf-8", "surrogateescape")).hexdigest()[:12]
+    path = f"{db_path}.rec-{digest}.lock"
+    for _ in range(20):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        except OSError as err:
+            raise MQbtTError(f"cannot record into {db_path!r}: {err.strerror} (creating "
+                             f"the lock file {path})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            try:
+                owner = os.read(fd, 512).decode("utf-8", "replace").strip() or "a process"
+            finally:
+                os.close(fd)
+            raise MQbtTError(f"another recorder already records into {db_path} with client id "
+                             f"{client_id}: {owner} (lock file {path})") from None
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except OSError:
+            same = False
+        if not same:   # removed by the previous owner meanwhile: lock the new file
+            os.close(fd)
+            continue
+        import socket
+        os.ftruncate(fd, 0)
+        os.write(fd, (f"pid {os.getpid()} on {socket.gethostname()} since "
+                      f"{_utc(time.time()):%Y-%m-%d %H:%M:%S} UTC").encode())
+        return _RecorderClaim(path, fd)
+    raise MQbtTError(f"cannot lock {path!r}: it keeps being replaced")  # pragma: no cover
+
+
+def _remove_empty_db(path: str) -> None:
+    """Remove *path* (and its -wal/-shm files) if it holds no message: a
+    record that failed to start leaves nothing behind."""
+    import sqlite3
+    from urllib.parse import quote
+    try:
+        conn = sqlite3.connect(f"file:{quote(os.path.abspath(path))}?mode=ro", uri=True)
+        try:
+            empty = conn.execute("SELECT count(*) FROM messages").fetchone()[0] == 0
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return
+    if empty:
+        for suffix in ("", "-wal", "-shm"):
+            try:
+                os.unlink(path + suffix)
+            except OSError:
+                pass
 
 
 class Recorder:
@@ -1792,7 +2041,7 @@ class Recorder:
             raise ValueError("every subtopic is excluded: nothing to record")
         if not isinstance(window, int) or window < 1:
             raise ValueError(f"window must be a positive integer, not {window!r}")
-        self.db_path = os.fspath(db_path)
+        self.db_path = _check_db_path(db_path)
         self.client_id = client_id or recorder_client_id(str(self.broker), self.db_path)
         self.batch_size = batch_size
         self.batch_timeout = batch_timeout
@@ -1805,9 +2054,14 @@ class Recorder:
         self.counts = {s: 0 for s in self.subtopics}
         #: number of commits so far
         self.commits = 0
+        #: messages received but not storable (a topic that is not UTF-8 text),
+        #: acknowledged and counted here
+        self.skipped = 0
         self._queue = queue.SimpleQueue()
         self._stopping = False
+        self._recording = False
         self._conn = None
+        self._claim = None
         self._db = MQbtTDataBase(self.db_path, batch_size, batch_timeout)
 
     @property
@@ -1819,12 +2073,20 @@ class Recorder:
         # network thread: enqueue only (never raises, never blocks)
         if self._stopping:
             return  # left unacknowledged: the broker keeps it for the next run
-        self._queue.put((self._conn.generation, msg.mid, msg.qos, msg.topic, msg.payload, time.time()))
+        # the topic's raw bytes: paho's msg.topic raises on bytes that are not UTF-8
+        t = getattr(msg, "_topic", None)
+        self._queue.put((self._conn.generation, msg.mid, msg.qos,
+                         msg.topic if t is None else t, msg.payload, time.time()))
 
     def stop(self):
         """Ask :meth:`run` to commit what it received and return (safe from a
-        signal handler or another thread)."""
+        signal handler or another thread; also ends a connection attempt)."""
         self._stopping = True
+        # wakes run() at once: SimpleQueue.get(timeout) interrupted by a signal
+        # may otherwise wait for ever on CPython <= 3.12 (negative time left)
+        self._queue.put(None)
+        if self._conn is not None:
+            self._conn.abort()
 
     def run(self):
         """Connect, record until :meth:`stop` is called, commit, disconnect.
@@ -1835,21 +2097,40 @@ class Recorder:
         :raises MQbtTError: if the database cannot be written (nothing
           uncommitted is acknowledged, so the broker keeps it)."""
         subs = [(f"mqbtt/+/{s}", min(SUBTOPICS[s], 1)) for s in self.subtopics]
+        self._claim = _claim_recorder(self.db_path, self.client_id)
+        created = not os.path.exists(self.db_path)
         self._conn = _Connection(self.broker, self.client_id, False, subs, self._on_message,
                                  self.keepalive, notify=self._say, manual_ack=True,
                                  on_fatal=lambda err: self.stop())
+        if self._stopping:
+            self._conn.abort()
         try:
-            self._conn.start(self.connect_timeout)
+            try:
+                self._conn.start(self.connect_timeout)
+                self._db._check_writable()   # creates the file: only once connected
+            except BaseException as err:
+                self._conn.stop()
+                self._close_db()
+                if created:
+                    _remove_empty_db(self.db_path)
+                if self._conn.aborted and isinstance(err, MQbtTConnectionError):
+                    self._say("stopped while connecting: nothing recorded", line=True)
+                    return 0   # stop() called while connecting
+                raise
+            self._recording = True
             self._say(f"recording {', '.join('mqbtt/+/' + s for s in self.subtopics)} "
                       f"from {self.broker} into {self.db_path} (client id {self.client_id})",
                       line=True)
-            self._loop()
-        except BaseException:
+            try:
+                self._loop()
+            except BaseException:
+                self._conn.stop()
+                self._close_db()
+                raise
             self._conn.stop()
             self._close_db()
-            raise
-        self._conn.stop()
-        self._close_db()
+        finally:
+            self._claim.release()
         if self._conn.error is not None:   # credentials refused on a reconnect: stored, then fail
             raise self._conn.error
         self._say(f"stopped: {self.total} messages recorded ({self._per_subtopic()})", line=True)
@@ -1868,7 +2149,7 @@ class Recorder:
         last_total = 0
         while not self._stopping:
             try:
-                first = self._queue.get(timeout=0.2)
+                first = self._queue.get(timeout=0.2)   # stop() puts None: never stuck here
             except Empty:
                 first = None
             if first is not None:
@@ -1886,7 +2167,8 @@ class Recorder:
                 item = self._queue.get_nowait()
             except Empty:
                 break
-            self._store(item)
+            if item is not None:
+                self._store(item)
         if tty:
             self.status.write("\n")
 
@@ -1904,6 +2186,8 @@ class Recorder:
                 item = self._queue.get_nowait()
             except Empty:
                 break  # the stream paused
+            if item is None:   # stop()'s wake-up
+                continue
             batch.append(item)
             if item[2] > 0:
                 unacked += 1
@@ -1911,8 +2195,10 @@ class Recorder:
         stored = []
         rows = []
         for gen, mid, qos, t, payload, ts in batch:
-            where = _parse_topic(t)
-            if where is not None and where[1] in self.counts:
+            where = _recorded_topic(t)
+            if where is None:
+                self.skipped += 1   # the schema cannot take it: acknowledged, counted, shown
+            elif where[1] in self.counts:   # else: a subtopic excluded now, subscribed by an old run
                 rows.append((ts, where[0], where[1], payload))
                 stored.append(where[1])
         try:
@@ -1930,7 +2216,8 @@ class Recorder:
                 client.ack(mid, qos)
 
     def _per_subtopic(self):
-        return " ".join(f"{s}={n}" for s, n in self.counts.items())
+        text = " ".join(f"{s}={n}" for s, n in self.counts.items())
+        return text + (f", {self.skipped} skipped (topic not UTF-8)" if self.skipped else "")
 
     def _say(self, text, line=True):
         if not self.status:
@@ -1954,9 +2241,15 @@ def record(broker_uri: str, db_path: str, exclude=(), client_id: str | None = No
     import signal
     rec = Recorder(broker_uri, db_path, exclude, client_id, **kwargs)
     old = {}
+
+    def on_signal(signum, frame):
+        rec.stop()
+        if not rec._recording:   # still connecting: give up at once
+            raise KeyboardInterrupt
+
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
-            old[sig] = signal.signal(sig, lambda signum, frame: rec.stop())
+            old[sig] = signal.signal(sig, on_signal)
     try:
         return rec.run()
     finally:
@@ -2100,10 +2393,10 @@ def replay(db_path: str, broker_uri: str, pair_id: str, to_pid: str | None = Non
     broker acknowledged all of them.  *connected*, if given, is called once
     the broker accepted the connection.
     """
-    if not isinstance(speed, (int, float)) or speed < 0:
-        raise ValueError(f"speed must be a non-negative number, not {speed!r}")
+    _check_speed(speed)
     check_pair_id(pair_id)
     to_pid = check_pair_id(to_pid or pair_id)
+    db_path = _check_db_path(db_path)
     if not os.path.exists(db_path):
         raise MQbtTError(f"no such database: {db_path}")
     broker = BrokerURI.parse(broker_uri if broker_uri is not None else default_broker())
@@ -2111,7 +2404,7 @@ def replay(db_path: str, broker_uri: str, pair_id: str, to_pid: str | None = Non
     conn.start(connect_timeout)
     if connected is not None:
         connected()
-    n = 0
+    n = skipped = 0
     pending = deque()
 
     def wait(info):
@@ -2124,14 +2417,21 @@ def replay(db_path: str, broker_uri: str, pair_id: str, to_pid: str | None = Non
             t0 = m0 = None
             for rec in db.records(pair_id=pair_id, min_timestamp=min_timestamp,
                                   max_timestamp=max_timestamp):
-                ts = rec.timestamp.timestamp()
-                if t0 is None:
+                qos = SUBTOPICS.get(rec.subtopic)
+                if qos is None or not isinstance(rec.payload, bytes):
+                    skipped += 1    # a row written by another tool: not replayable
+                    continue
+                when = rec.timestamp    # None: not a usable time, sent without a pause
+                ts = None if when is None else when.timestamp()
+                if ts is None:
+                    pass
+                elif t0 is None:
                     t0, m0 = ts, time.monotonic()
                 elif speed > 0:
                     delay = m0 + (ts - t0) / speed - time.monotonic()
-                    if delay > 0:
-                        time.sleep(delay)
-                qos = SUBTOPICS[rec.subtopic]
+                    while delay > 0:
+                        time.sleep(min(delay, _MAX_SLEEP))
+                        delay = m0 + (ts - t0) / speed - time.monotonic()
                 if len(pending) >= MQbtTBase.max_pending:   # paho's ids are 16-bit
                     wait(pending.popleft())
                 info = conn.client.publish(topic(to_pid, rec.subtopic), rec.payload, qos)
@@ -2151,7 +2451,26 @@ def replay(db_path: str, broker_uri: str, pair_id: str, to_pid: str | None = Non
             wait(pending.popleft())
     finally:
         conn.stop()
+    if skipped:
+        log.warning("replay: %d row(s) of %s skipped (unknown subtopic, written by another tool)",
+                    skipped, db_path)
     return n
+
+
+#: the slowest ``replay`` speed (a smaller one would turn a one-second gap
+#: into more than a quarter of an hour)
+MIN_SPEED = 1e-3
+#: the longest single sleep of replay (the rest of a gap is slept in more calls)
+_MAX_SLEEP = 86400.0
+
+
+def _check_speed(speed):
+    """ValueError/TypeError unless *speed* is 0 or a finite number >= :data:`MIN_SPEED`."""
+    if isinstance(speed, bool) or not isinstance(speed, (int, float)):
+        raise TypeError(f"speed must be a number, not {type(speed).__name__}")
+    if not (speed == 0 or MIN_SPEED <= speed < float("inf")):
+        raise ValueError(f"speed must be 0 (as fast as possible) or a finite number >= "
+                         f"{MIN_SPEED:g}, not {speed!r}")
 
 
 ###############################################################################
@@ -3003,7 +3322,7 @@ def _cmd_echo(argv):
     _add_broker(p)
     p.add_argument("--pid", metavar="TEXT", type=_pid_arg, help="Pair identifier")
     p.add_argument("pair_id", nargs="?", type=_pid_arg, help="Pair identifier (same as --pid)")
-    p.add_argument("--count", type=int, metavar="N", help="exit after answering N requests")
+    p.add_argument("--count", type=_count_arg, metavar="N", help="exit after answering N requests")
     a = p.parse_args(argv)
     pid = a.pid or a.pair_id
     if not pid:
@@ -3022,10 +3341,8 @@ def _cmd_dump(argv):
                    help="Operation mode: log (log lines), miner (requests), optimizer "
                         "(replies with their round-trip time, and shares); default: optimizer")
     p.add_argument("--json", action="store_true", help="print one JSON object per line")
-    p.add_argument("--count", type=int, metavar="N", help="exit after N messages")
+    p.add_argument("--count", type=_count_arg, metavar="N", help="exit after N messages")
     a = p.parse_args(argv)
-    if a.count is not None and a.count < 1:
-        p.error("--count must be positive")
     what = ", ".join(topic(a.pid, s) for s in DUMP_MODES[a.mode])
 
     def ready():
@@ -3039,7 +3356,7 @@ def _cmd_dump(argv):
 def _cmd_record(argv):
     p = _parser("record")
     _add_broker(p)
-    p.add_argument("--db", metavar="PATH", required=True,
+    p.add_argument("--db", metavar="PATH", required=True, type=_db_arg,
                    help="Path to the record database. [required]")
     p.add_argument("--exclude", metavar="TEXT", default="",
                    help="Comma separated list of subtopics to exclude (in: esp, log, shr, srv).")
@@ -3062,16 +3379,15 @@ def _cmd_record(argv):
 def _cmd_replay(argv):
     p = _parser("replay")
     _add_broker(p)
-    p.add_argument("--db", metavar="PATH", required=True, help="the record database [required]")
+    p.add_argument("--db", metavar="PATH", required=True, type=_db_arg,
+                   help="the record database [required]")
     p.add_argument("--pid", metavar="TEXT", required=True, type=_pid_arg,
                    help="the recorded pair id [required]")
     p.add_argument("--to-pid", metavar="TEXT", type=_pid_arg,
                    help="publish as this pair id (default: --pid)")
-    p.add_argument("--speed", metavar="X", type=float, default=1.0,
+    p.add_argument("--speed", metavar="X", type=_speed_arg, default=1.0,
                    help="divide the recorded gaps by X (default 1; 0: as fast as possible)")
     a = p.parse_args(argv)
-    if not a.speed >= 0 or a.speed == float("inf"):
-        p.error("--speed must be a non-negative number")
     to = a.to_pid or a.pid
     n = replay(a.db, a.broker, a.pid, a.to_pid, a.speed, connected=lambda: print(
         f"mqbtt replay: publishing pair {a.pid!r} of {a.db} as {to!r} at speed {a.speed:g}",
@@ -3081,15 +3397,57 @@ def _cmd_replay(argv):
 
 
 def _seconds(text):
-    """argparse type: a positive number of seconds."""
+    """argparse type: a positive number of seconds (at most :data:`MAX_SECONDS`)."""
     import argparse
     try:
         value = float(text)
     except ValueError:
         value = float("nan")
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    if not 0.001 <= value <= MAX_SECONDS:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds from 0.001 to "
+                                         f"{MAX_SECONDS:.0f}, got {text!r}")
     return value
+
+
+#: the longest duration a command-line option accepts (a year): more is
+#: surely a typo, and overflows the system's timers
+MAX_SECONDS = 366 * 86400.0
+
+
+def _count_arg(text):
+    """argparse type: a positive integer (``--count``)."""
+    import argparse
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _speed_arg(text):
+    """argparse type: a replay speed (0, or a finite number >= MIN_SPEED)."""
+    import argparse
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    try:
+        _check_speed(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 0 (as fast as possible) or a number from "
+                                         f"{MIN_SPEED:g}, got {text!r}") from None
+    return value
+
+
+def _db_arg(text):
+    """argparse type: a database file path (not empty, not ``:memory:``)."""
+    import argparse
+    try:
+        return _check_db_path(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _cmd_restart(argv):
@@ -3274,6 +3632,7 @@ def main(argv: list | None = None, prog: str | None = None) -> int:
             print(f"mqbtt: error: unknown command {cmd!r}", file=sys.stderr)
             return 2
     _cli_logging(cmd)
+    restore = _sigterm_interrupts()
     try:
         return _HANDLERS[cmd](list(argv)) or 0
     except SystemExit as e:  # argparse: --help, --version, usage errors
@@ -3289,6 +3648,26 @@ def main(argv: list | None = None, prog: str | None = None) -> int:
     except (MQbtTError, ValueError, OSError) as err:
         print(f"mqbtt {cmd}: error: {err}", file=sys.stderr)
         return 1
+    finally:
+        restore()
+
+
+def _sigterm_interrupts():
+    """Make SIGTERM end a command as Ctrl-C does (``KeyboardInterrupt``, so
+    every blocking call is interrupted and cleanup runs); return a function
+    restoring the previous handler.  ``record`` installs its own handlers."""
+    import signal
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        old = signal.signal(signal.SIGTERM, interrupt)
+    except (ValueError, OSError):  # pragma: no cover
+        return lambda: None
+    return lambda: signal.signal(signal.SIGTERM, old)
 
 
 if __name__ == "__main__":
