@@ -196,6 +196,11 @@ _new = object.__new__
 # out of range, so nothing goes out silently converted; from_bytes() bypasses
 # it (decoded values are valid by construction).
 
+class _FieldTypeError(TypeError, ValueError):
+    """A message field of the wrong type: a ``TypeError``, and also a
+    ``ValueError`` as documented before (``except ValueError`` still works)."""
+
+
 _U32 = 0xFFFFFFFF
 _U64 = 0xFFFFFFFFFFFFFFFF
 
@@ -205,11 +210,11 @@ def _check_uint(obj, name, value, top):
     if value.__class__ is not int:
         import operator
         if isinstance(value, bool):
-            raise TypeError(f"{type(obj).__name__}.{name} must be an integer, not {value!r}")
+            raise _FieldTypeError(f"{type(obj).__name__}.{name} must be an integer, not {value!r}")
         try:
             value = operator.index(value)
         except TypeError:
-            raise TypeError(f"{type(obj).__name__}.{name} must be an integer, "
+            raise _FieldTypeError(f"{type(obj).__name__}.{name} must be an integer, "
                             f"not {type(value).__name__}") from None
     if not 0 <= value <= top:
         raise ValueError(f"{type(obj).__name__}.{name} must be in 0..{top}, not {value}"[:300])
@@ -217,7 +222,7 @@ def _check_uint(obj, name, value, top):
 
 def _check_bool(obj, name, value):
     if value is not True and value is not False:
-        raise TypeError(f"{type(obj).__name__}.{name} must be a bool, not {value!r}"[:300])
+        raise _FieldTypeError(f"{type(obj).__name__}.{name} must be a bool, not {value!r}"[:300])
 
 
 def _check_real(obj, name, value):
@@ -226,7 +231,7 @@ def _check_real(obj, name, value):
     if value.__class__ is float:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{type(obj).__name__}.{name} must be a real number, "
+        raise _FieldTypeError(f"{type(obj).__name__}.{name} must be a real number, "
                         f"not {type(value).__name__}")
     try:
         float(value)
@@ -236,7 +241,7 @@ def _check_real(obj, name, value):
 
 def _check_type(obj, name, value, cls):
     if value.__class__ is not cls and not isinstance(value, cls):
-        raise TypeError(f"{type(obj).__name__}.{name} must be {cls.__name__}, "
+        raise _FieldTypeError(f"{type(obj).__name__}.{name} must be {cls.__name__}, "
                         f"not {type(value).__name__}")
 
 
@@ -324,7 +329,7 @@ class Reply:
         kind = d["kind"]
         if kind.__class__ is not Kind:
             if kind.__class__ is not int and not (isinstance(kind, int) and not isinstance(kind, bool)):
-                raise TypeError(f"Reply.kind must be a Kind or an int, not {kind!r}"[:300])
+                raise _FieldTypeError(f"Reply.kind must be a Kind or an int, not {kind!r}"[:300])
             try:
                 d["kind"] = Kind(kind)
             except ValueError:
@@ -687,6 +692,18 @@ def _tcp_nodelay(client, userdata, sock, on=True):
         pass
 
 
+#: CONNACK reason codes that end a client for good once it had connected:
+#: bad credentials and "not authorized" (MQTT 3.1.1 codes 4 and 5, MQTT 5
+#: codes 134, 135 and 140 "bad authentication method").  Any other refusal
+#: ("server unavailable", "server busy", "quota exceeded"...) is transient:
+#: retried with the usual back-off.
+_FATAL_CONNACK = frozenset((4, 5, 134, 135, 140))
+
+
+def _refusal_is_fatal(reason_code) -> bool:
+    return getattr(reason_code, "value", reason_code) in _FATAL_CONNACK
+
+
 class _Connection:
     """One MQTT connection: a paho client connected once synchronously (so
     that a failure is reported with its cause), then kept connected by paho's
@@ -772,6 +789,12 @@ class _Connection:
 
     def _on_connect(self, client, userdata, flags, reason_code, properties):
         if reason_code.is_failure:
+            if self.started and not _refusal_is_fatal(reason_code):
+                # "server unavailable", v5 "server busy", "quota exceeded"...: paho
+                # drops this connection and retries with the usual back-off
+                self.notify(f"broker {self.broker} refused the connection ({reason_code}); "
+                            "retrying")
+                return
             client.disconnect()
             self._fail(MQbtTConnectionError(
                 f"broker {self.broker} refused the connection of client id "
@@ -911,6 +934,8 @@ class MQbtTBase:
         # keyed by the topic's bytes: paho's MQTTMessage.topic decodes them each time
         self._topics = {topic(self.pair_id, sub).encode(): sub for sub, _ in subs}
         self._stopped = False
+        self._stop_event = threading.Event()   # set by stop(): blocked senders give up
+        self._waiting = set()     # MQTTMessageInfo a blocking send waits for
         self._pending = deque()   # MQTTMessageInfo of non-blocking QoS>0 sends
         self._short_sessions = deque(maxlen=4)
         self._takeover_warned = 0.0
@@ -1003,10 +1028,7 @@ class MQbtTBase:
 
     def _wake_receivers(self):
         for q in self._queues.values():
-            try:
-                q.put_nowait(_FATAL)
-            except queue.Full:
-                pass
+            _put_always(q, _FATAL)
 
     # -- receiving ----------------------------------------------------------------
     def _receive(self, subtopic, blocking=True, timeout=None):
@@ -1024,7 +1046,7 @@ class MQbtTBase:
             except Empty:
                 return None
         if item is _FATAL:
-            q.put_nowait(_FATAL)
+            _put_always(q, _FATAL)
             raise self._error
         return item
 
@@ -1048,7 +1070,8 @@ class MQbtTBase:
         pending = self._pending
         while pending and pending[0]._published:
             pending.popleft()
-        if len(pending) >= self.max_pending and not _wait_published(pending[0], timeout):
+        if len(pending) >= self.max_pending and not _wait_published(pending[0], timeout,
+                                                                    self._stop_event):
             raise MQbtTSendTimeout(
                 f"{len(pending)} messages still wait for the broker {self.broker}'s "
                 f"acknowledgement after {timeout:g} s; not sending more")
@@ -1063,7 +1086,18 @@ class MQbtTBase:
         if not blocking:
             pending.append(info)
             return
-        if not _wait_published(info, timeout):
+        waiting = self._waiting
+        waiting.add(info)
+        try:
+            ok = _wait_published(info, timeout, self._stop_event)
+        finally:
+            waiting.discard(info)
+        if not ok and self._stopped:
+            raise MQbtTSendError(
+                f"the client was stopped before the broker {self.broker} acknowledged the "
+                f"message on {topic(self.pair_id, subtopic)}: it may or may not have been "
+                "delivered")
+        if not ok:
             pending.append(info)
             raise MQbtTSendTimeout(
                 f"the broker {self.broker} did not acknowledge the message on "
@@ -1083,7 +1117,7 @@ class MQbtTBase:
         while self._pending:
             info = self._pending[0]
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if not _wait_published(info, left):
+            if not _wait_published(info, left, self._stop_event):
                 return False
             self._pending.popleft()
         return True
@@ -1101,6 +1135,10 @@ class MQbtTBase:
 
     def _shutdown(self):
         self._stopped = True
+        self._stop_event.set()
+        for info in list(self._waiting):   # a blocking send in another thread raises
+            with info._condition:
+                info._condition.notify_all()
         with self._conn.cond:
             if self._conn.error is None:
                 self._conn.error = MQbtTConnectionError("the client is stopped")
@@ -1125,16 +1163,32 @@ class MQbtTBase:
 _MQTT_ERR_QUEUE_SIZE = 15
 
 
-def _wait_published(info, timeout) -> bool:
+def _put_always(q, item):
+    """Put *item* in *q*, even beyond a full bounded queue's ``maxsize`` (the
+    wake-up of the receivers must never be dropped: a receiver behind a full
+    queue would block for ever once it has drained it)."""
+    if isinstance(q, queue.Queue):
+        with q.mutex:
+            q.queue.append(item)
+            q.unfinished_tasks += 1
+            q.not_empty.notify_all()
+    else:
+        q.put_nowait(item)
+
+
+def _wait_published(info, timeout, stop=None) -> bool:
     """Wait for the broker's acknowledgement of *info*.
 
     Unlike ``MQTTMessageInfo.wait_for_publish`` this does not raise when the
     message was queued while disconnected (paho sends it after reconnecting),
-    and it reports a timeout instead of returning silently."""
+    and it reports a timeout instead of returning silently.  Returns False on
+    timeout, or at once when the :class:`threading.Event` *stop* is set."""
     cond = info._condition
     deadline = None if timeout is None else time.monotonic() + timeout
     with cond:
         while not info._published:
+            if stop is not None and stop.is_set():
+                return False
             if deadline is None:
                 cond.wait(1.0)
             else:

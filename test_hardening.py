@@ -1,0 +1,392 @@
+"""Issue 12, items 1-6: hostile topics, signals, transient refusals, databases
+that are not files, rows written by other tools, and values.
+
+Real parts throughout: a real Mosquitto (``broker`` fixture), real processes
+of every installed CPython 3.10-3.13 receiving real SIGINT/SIGTERM, a real
+unprivileged user reading a database in a read-only directory.  Run with
+``-s`` to see the figures (runs, signals, hangs) quoted in the README.
+"""
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import socket
+import sqlite3
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import pytest
+
+import mqbtt
+from mqbtt import (MQbtTConnectionError, MQbtTDataBase, MQbtTError, MQbtTMiner, MQbtTOptimizer,
+                   MQbtTRecord, MQbtTSendError, MQbtTSendTimeout, Reply, Request, Share)
+from local_broker import LocalBroker
+from test_mqbtt import raw_client, wait_for
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+MQBTT = os.path.join(ROOT, "mqbtt.py")
+
+
+def pythons():
+    """Every supported CPython installed here (pyenv 3.10-3.13, with paho), this one first."""
+    found = [sys.executable]
+    base = "/root/.pyenv/versions"
+    if os.path.isdir(base):
+        for v in sorted(os.listdir(base)):
+            exe = os.path.join(base, v, "bin", "python")
+            if v.split(".")[:2] in (["3", "10"], ["3", "11"], ["3", "12"], ["3", "13"]) \
+                    and os.path.exists(exe) and os.path.realpath(exe) != os.path.realpath(sys.executable) \
+                    and subprocess.run([exe, "-c", "import paho.mqtt, google.protobuf"],
+                                       capture_output=True).returncode == 0:
+                found.append(exe)
+    return found
+
+
+def _version(exe):
+    return subprocess.run([exe, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                          capture_output=True, text=True).stdout.strip()
+
+
+# --------------------------------------------------------------------------------------------
+# 6. values
+# --------------------------------------------------------------------------------------------
+
+HOSTILE_VALUES = [
+    (Request, "timestamp_min", None, TypeError),
+    (Request, "timestamp_max", 1.0, TypeError),
+    (Request, "nonce_start", "1", TypeError),
+    (Request, "nonce_size", -1, ValueError),
+    (Request, "nonce_size", 2 ** 32, ValueError),
+    (Request, "timestamp_min", True, TypeError),
+    (Request, "reset", 1, TypeError),
+    (Request, "reset", None, TypeError),
+    (Request, "reset", "yes", TypeError),
+    (Reply, "kind", 1.0, TypeError),
+    (Reply, "kind", None, TypeError),
+    (Reply, "kind", "RESULT", TypeError),
+    (Reply, "kind", True, TypeError),
+    (Reply, "kind", 7, ValueError),
+    (Reply, "kind", -1, ValueError),
+    (Reply, "num_shares", -1, ValueError),
+    (Reply, "num_shares", 2 ** 64, ValueError),
+    (Reply, "num_shares", 3.0, TypeError),
+    (Reply, "new_block", 0, TypeError),
+    (Share, "diff", 10 ** 400, ValueError),
+    (Share, "pool_diff", -(10 ** 400), ValueError),
+    (Share, "diff", "1", TypeError),
+    (Share, "diff", None, TypeError),
+    (Share, "diff", True, TypeError),
+    (Share, "nonce", 2 ** 32, ValueError),
+    (Share, "version", -5, ValueError),
+    (Share, "time", 1.5, TypeError),
+    (Share, "zeroes", None, TypeError),
+    (Share, "prev_block", "00" * 32, TypeError),
+    (Share, "merkle_root", None, TypeError),
+    (Share, "job_id", 5, TypeError),
+    (Share, "extranonce2", b"ab", TypeError),
+]
+
+
+@pytest.mark.parametrize("cls,field,value,exc", HOSTILE_VALUES,
+                         ids=[f"{c.__name__}.{f}={v!r}"[:40] for c, f, v, e in HOSTILE_VALUES])
+def test_wrong_types_and_out_of_range_values_raise_in_the_constructor(cls, field, value, exc):
+    with pytest.raises(exc) as info:
+        cls(**{field: value})
+    assert field in str(info.value)
+    assert len(str(info.value)) <= 300   # one readable line even for a 10**400
+
+
+def test_valid_values_still_accepted_and_round_trip():
+    r = Request(timestamp_min=2 ** 32 - 1, timestamp_max=0, nonce_start=7, nonce_size=1, reset=True)
+    assert Request.from_bytes(r.to_bytes()) == r
+    rep = Reply(kind=2, num_shares=2 ** 64 - 1, new_block=True)
+    assert rep.kind is mqbtt.Kind.RESET          # an int kind becomes a Kind
+    assert Reply.from_bytes(rep.to_bytes()) == rep
+    s = Share(diff=5, pool_diff=float("nan"), nonce=2 ** 32 - 1, prev_block=bytes(32), job_id="ab")
+    back = Share.from_bytes(s.to_bytes())
+    assert back.diff == 5.0 and back.nonce == 2 ** 32 - 1 and math.isnan(back.pool_diff)
+    assert Share(diff=float("inf")).to_bytes()   # a protobuf double takes infinities
+    # wrong types are also ValueErrors, as documented before (except ValueError keeps working)
+    with pytest.raises(ValueError):
+        Request(timestamp_min=None)
+
+
+@pytest.mark.parametrize("argv", [
+    ["replay", "--db", "x.db", "--pid", "p", "--speed", "1e-320"],
+    ["replay", "--db", "x.db", "--pid", "p", "--speed", "nan"],
+    ["replay", "--db", "x.db", "--pid", "p", "--speed", "inf"],
+    ["replay", "--db", "x.db", "--pid", "p", "--speed", "-1"],
+    ["restart", "--timeout", "1e300"],
+    ["restart", "--timeout", "nan"],
+    ["restart", "--timeout", "-1"],
+    ["restart", "--wait", "inf"],
+    ["wslog", "--file", "x.log", "--duration", "1e300"],
+    ["echo", "--count", "0", "p"],
+    ["echo", "--count", "-1", "p"],
+    ["echo", "--count", "1e3", "p"],
+    ["dump", "--pid", "p", "--count", "0"],
+    ["record", "--db", ""],
+    ["record", "--db", ":memory:"],
+    ["record", "--db", "  "],
+    ["replay", "--db", ":memory:", "--pid", "p"],
+])
+def test_cli_numbers_and_paths_are_usage_errors(argv, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert mqbtt.main(argv, prog="mqbtt") == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith(f"mqbtt_{argv[0]}: error: argument ")
+    assert os.listdir(tmp_path) == []   # nothing created
+
+
+def test_library_refuses_the_same_values():
+    for speed in (1e-320, float("nan"), float("inf"), -1):
+        with pytest.raises(ValueError):
+            mqbtt.replay("x.db", "mqtt://127.0.0.1:1", "p", speed=speed)
+    with pytest.raises(TypeError):
+        mqbtt.replay("x.db", "mqtt://127.0.0.1:1", "p", speed="fast")
+    for path in ("", ":memory:"):
+        with pytest.raises(ValueError):
+            MQbtTDataBase(path)
+        with pytest.raises(ValueError):
+            mqbtt.Recorder("mqtt://127.0.0.1:1", path)
+
+
+# --------------------------------------------------------------------------------------------
+# 4. databases that are not files, mistyped paths, read-only media
+# --------------------------------------------------------------------------------------------
+
+def test_readers_never_create_a_missing_database(tmp_path, capsys):
+    path = tmp_path / "trafic.db"    # mistyped
+    db = MQbtTDataBase(path)
+    for read in (lambda: list(db.records()), lambda: list(db.logs()), lambda: db.count(),
+                 lambda: db.pair_ids()):
+        with pytest.raises(MQbtTError, match="no such database"):
+            read()
+    db.close()
+    assert mqbtt.main(["replay", "--db", str(path), "--pid", "p", "--broker",
+                       "mqtt://127.0.0.1:1"], prog="mqbtt") == 1
+    assert "no such database" in capsys.readouterr().err
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "db2logs.py"), str(path),
+                          "p"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and out.stderr.count("\n") == 1 and "no such database" in out.stderr
+    assert os.listdir(tmp_path) == []
+    # a writer creates it on the first insert, and a reader opened before sees it then
+    reader = MQbtTDataBase(path)
+    with MQbtTDataBase(path) as w:
+        w.insert(MQbtTRecord(pair_id="p", subtopic="log", timestamp=1.0, payload=b"hi"))
+    assert [r.message for r in reader.logs()] == ["hi"]
+    reader.close()
+
+
+def test_a_failed_insert_never_leaves_a_transaction_open(tmp_path):
+    db = MQbtTDataBase(tmp_path / "t.db", batch_size=1000)
+    for bad in [(1.0, "p", "zzz", b"x"), (1.0, None, "log", b"x"), (None, "p", "log", b"x")]:
+        with pytest.raises(sqlite3.IntegrityError):
+            db._insert(*bad)
+        assert not db._conn.in_transaction
+    db._insert_many([])          # the recorder's path with nothing storable
+    assert not db._conn.in_transaction
+    db.insert(MQbtTRecord(pair_id="p", subtopic="log", timestamp=2.0, payload=b"ok"))
+    with pytest.raises(sqlite3.IntegrityError):
+        db._insert(1.0, "p", "zzz", b"x")   # fails inside a pending batch: the batch survives
+    assert db.commit() == 1
+    with pytest.raises(sqlite3.IntegrityError):
+        db._insert_many([(3.0, "p", "log", b"a"), (3.0, "p", "bad", b"b")])
+    assert not db._conn.in_transaction
+    db._insert_many([(4.0, "p", "log", b"c")])
+    assert [r.message for r in db.logs()] == ["ok", "c"]
+    db.close()
+
+
+def _make_db(path, rows=(("p", "log", b"line"),)):
+    with MQbtTDataBase(path) as db:
+        for i, (pid, sub, payload) in enumerate(rows):
+            db.insert(MQbtTRecord(pair_id=pid, subtopic=sub, timestamp=1000.0 + i, payload=payload))
+
+
+def test_read_only_directory_is_readable_by_an_unprivileged_user():
+    d = tempfile.mkdtemp(prefix="mqbtt-ro-")
+    try:
+        os.chmod(d, 0o755)
+        path = os.path.join(d, "traffic.db")
+        _make_db(path, [("p", "log", b"one"), ("p", "log", b"two")])
+        # the recorder's WAL journal, left behind as a crash would (-wal, -shm)
+        conn = sqlite3.connect(path)
+        conn.execute("INSERT INTO messages (timestamp, pair_id, subtopic, message) "
+                     "VALUES (3000, 'p', 'log', x'7468726565')")
+        conn.commit()
+        subprocess.run(["chmod", "-R", "a+r", d], check=True)
+        os.chmod(d, 0o555)    # read-only directory (and the files read-only for "nobody")
+        code = ("import sys; sys.path.insert(0, %r); import mqbtt\n"
+                "db = mqbtt.MQbtTDataBase(%r)\n"
+                "print(db.read_only, [r.message for r in db.logs()], db.count())\n"
+                "try:\n"
+                "    db.insert(mqbtt.MQbtTRecord(pair_id='p', subtopic='log', timestamp=1, payload=b'x'))\n"
+                "except mqbtt.MQbtTError as e: print('refused:', e)\n") % (ROOT, path)
+        out = subprocess.run(["runuser", "-u", "nobody", "--", "/usr/bin/python3", "-c", code],
+                             capture_output=True, text=True, timeout=60, cwd="/")
+        conn.close()
+        assert out.returncode == 0, out.stderr
+        lines = out.stdout.splitlines()
+        assert lines[0].startswith("True ['one', 'two'")
+        assert lines[1].startswith("refused:") and "read-only" in lines[1]
+        db2 = subprocess.run(["runuser", "-u", "nobody", "--", "/usr/bin/python3",
+                              os.path.join(ROOT, "examples", "db2logs.py"), path, "p"],
+                             capture_output=True, text=True, timeout=60, cwd="/")
+        assert db2.returncode == 0 and db2.stdout.count("\n") >= 2, db2.stderr
+        assert sorted(os.listdir(d)) == sorted(set(os.listdir(d)))   # nothing added by readers
+    finally:
+        os.chmod(d, 0o755)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _run(args, timeout=60, **kw):
+    return subprocess.run([sys.executable, MQBTT] + args, capture_output=True, text=True,
+                          timeout=timeout, **kw)
+
+
+def test_record_that_fails_to_start_leaves_nothing_behind(tmp_path):
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))
+    port = dead.getsockname()[1]
+    dead.close()            # nothing listens: connection refused
+    for db in ("new.db", "sub dir/new.db"):
+        out = _run(["record", "--broker", f"mqtt://127.0.0.1:{port}", "--db", str(tmp_path / db)])
+        assert out.returncode == 1
+        assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr, out.stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_second_recorder_on_one_database_refuses_naming_the_first(broker, tmp_path):
+    db = str(tmp_path / "r.db")
+    first = subprocess.Popen([sys.executable, MQBTT, "record", "--broker", broker.uri, "--db", db],
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        assert "recording" in first.stderr.readline()
+        out = _run(["record", "--broker", broker.uri, "--db", db])
+        assert out.returncode == 1
+        lines = out.stderr.splitlines()
+        assert len(lines) == 1, out.stderr
+        assert f"pid {first.pid}" in lines[0] and "another recorder" in lines[0]
+        # another client id (e.g. another broker into the same file) is another recorder
+        other = subprocess.Popen([sys.executable, MQBTT, "record", "--broker", broker.uri, "--db",
+                                  db, "--client-id", "rec-two"], stderr=subprocess.PIPE, text=True)
+        assert "recording" in other.stderr.readline()
+        other.send_signal(signal.SIGINT)
+        assert other.wait(20) == 0
+    finally:
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(20) == 0
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".lock")]   # released
+    # a recorder killed with SIGKILL leaves its lock file, which does not block a restart
+    killed = subprocess.Popen([sys.executable, MQBTT, "record", "--broker", broker.uri, "--db", db],
+                              stderr=subprocess.PIPE, text=True)
+    assert "recording" in killed.stderr.readline()
+    killed.kill()
+    killed.wait()
+    again = subprocess.Popen([sys.executable, MQBTT, "record", "--broker", broker.uri, "--db", db],
+                             stderr=subprocess.PIPE, text=True)
+    assert "recording" in again.stderr.readline()
+    again.send_signal(signal.SIGINT)
+    assert again.wait(20) == 0
+
+
+# --------------------------------------------------------------------------------------------
+# 5. rows written by other tools
+# --------------------------------------------------------------------------------------------
+
+def _hostile_db(path):
+    """A database made by another tool: no constraints, every kind of bad row."""
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE messages (id INTEGER PRIMARY KEY AUTOINCREMENT, timestamp, "
+                 "pair_id, subtopic, message)")
+    good = [(10.0, "p", "srv", Request(timestamp_min=1).to_bytes()),
+            (10.5, "p", "esp", Reply(kind=1, num_shares=3).to_bytes()),
+            (11.0, "p", "log", b"a log line"),
+            (12.0, "p", "shr", Share(diff=2.0).to_bytes())]
+    bad = [("not a time", "p", "srv", b"x"), (None, "p", "esp", b""), (1e300, "p", "shr", b"y"),
+           (-1e20, "p", "log", b"z"), (float("inf"), "p", "log", b"i"), (13.0, "p", "zzz", b"q"),
+           (14.0, "p", None, b"q"), (15.0, "p", "log", "text, not a blob"),
+           (16.0, "p", "log", 2 ** 63 - 1), (2 ** 63 - 1, "p", "log", b"h"), (17.0, "p", "log", 3.5),
+           (18.0, "p", "esp", None), (b"\xff\xfe", "p", "log", b"w"),
+           (19.0, "p", "srv", b"\xff" * 10), (20.0, "p", "log", 10 ** 9)]
+    for row in good + bad:
+        conn.execute("INSERT INTO messages (timestamp, pair_id, subtopic, message) "
+                     "VALUES (?, ?, ?, ?)", row)
+    conn.commit()
+    conn.close()
+    return len(good), len(bad)
+
+
+def test_bad_rows_never_raise_in_any_reader(tmp_path):
+    path = str(tmp_path / "other-tool.db")
+    n_good, n_bad = _hostile_db(path)
+    with MQbtTDataBase(path) as db:
+        recs = list(db.records())
+        assert len(recs) == n_good + n_bad
+        for r in recs:   # every attribute readable, none raises
+            r.timestamp, r.message, r.payload, r.pair_id, r.subtopic, repr(r)
+            assert r.timestamp is None or r.timestamp.tzinfo is not None
+            assert isinstance(r.payload, bytes)
+        assert sum(r.timestamp is None for r in recs) >= 6
+        assert {r.message for r in recs if r.subtopic == "log" and r.timestamp} >= {
+            "a log line", "text, not a blob", "9223372036854775807", "3.5", "1000000000"}
+        assert len(list(db.records(desc=True))) == n_good + n_bad
+        assert len(list(db.logs(text="log"))) >= 1
+        for r in db.logs():
+            r.timestamp, r.message
+        pairs = list(mqbtt.request_reply_pairs(db.records(pair_id="p")))
+        assert any(lat is not None and abs(lat - 0.5) < 1e-6 for _, _, lat in pairs)
+        assert all(lat is None or isinstance(lat, float) for _, _, lat in pairs)
+        assert db.count() == n_good + n_bad and db.pair_ids() == ["p"]
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "db2logs.py"), path, "p"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "a log line" in out.stdout, out.stderr
+
+
+def test_replay_skips_bad_rows_and_publishes_the_rest(broker, tmp_path):
+    path = str(tmp_path / "other-tool.db")
+    _hostile_db(path)
+    got = []
+    sub = raw_client(broker.uri)
+    sub.on_message = lambda c, u, m: got.append((m.topic, m.payload))
+    subscribed = threading.Event()
+    sub.on_subscribe = lambda *a: subscribed.set()
+    sub.subscribe("mqbtt/q/#", 2)
+    assert subscribed.wait(10)
+    out = _run(["replay", "--broker", broker.uri, "--db", path, "--pid", "p", "--to-pid", "q",
+                "--speed", "0"])
+    assert out.returncode == 0, out.stderr
+    assert "Traceback" not in out.stderr
+    # 2 rows with a subtopic that is not one of the four are skipped and said so
+    assert "2 row(s)" in out.stderr and "17 messages published" in out.stderr
+    wait_for(lambda: len(got) == 17, what="the replayed messages")
+    assert ("mqbtt/q/log", b"a log line") in got and ("mqbtt/q/log", b"text, not a blob") in got
+    sub.disconnect()
+
+
+def test_notebook_runs_on_a_database_with_bad_rows(tmp_path):
+    nbformat = pytest.importorskip("nbformat") if False else __import__("nbformat")
+    from nbclient import NotebookClient
+    path = str(tmp_path / "other-tool.db")
+    _hostile_db(path)
+    nb = nbformat.read(os.path.join(ROOT, "examples", "Analysis.ipynb"), as_version=4)
+    os.environ["MQBTT_DB"], old = path, os.environ.get("MQBTT_DB")
+    try:
+        NotebookClient(nb, timeout=120, kernel_name="python3",
+                       resources={"metadata": {"path": os.path.join(ROOT, "examples")}}).execute()
+    finally:
+        if old is None:
+            del os.environ["MQBTT_DB"]
+        else:
+            os.environ["MQBTT_DB"] = old
+    text = json.dumps(nb)
+    assert "rows without a usable timestamp left out" in text
+    assert '"output_type": "error"' not in text
