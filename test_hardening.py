@@ -390,3 +390,110 @@ def test_notebook_runs_on_a_database_with_bad_rows(tmp_path):
     text = json.dumps(nb)
     assert "rows without a usable timestamp left out" in text
     assert '"output_type": "error"' not in text
+
+
+# --------------------------------------------------------------------------------------------
+# 1. no topic, payload or pair id the broker delivers stops the recorder
+# --------------------------------------------------------------------------------------------
+
+def _rl(n):
+    out = b""
+    while True:
+        n, digit = divmod(n, 128)
+        out += bytes([digit | (0x80 if n else 0)])
+        if not n:
+            return out
+
+
+def raw_publish(port, topic: bytes, payload: bytes):
+    """Publish at QoS 0 with hand-made MQTT 3.1.1 packets (paho refuses
+    wildcards in a topic; a broker must see what a hostile client sends)."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    try:
+        cid = b"raw-" + os.urandom(4).hex().encode()
+        body = b"\x00\x04MQTT\x04\x02\x00\x3c" + struct.pack("!H", len(cid)) + cid
+        s.sendall(b"\x10" + _rl(len(body)) + body)
+        assert s.recv(4)[:1] == b"\x20"       # CONNACK
+        body = struct.pack("!H", len(topic)) + topic + payload
+        s.sendall(b"\x30" + _rl(len(body)) + body + b"\xe0\x00")
+        try:
+            s.recv(1)      # the broker closes: after DISCONNECT, or on a protocol violation
+        except OSError:
+            pass
+    finally:
+        s.close()
+
+
+HOSTILE_TOPICS = [   # (topic, qos): all delivered by Mosquitto to mqbtt/+/<subtopic>
+    ("mqbtt//log", 1), ("mqbtt//srv", 2), ("mqbtt//esp", 0), ("mqbtt/ /shr", 1),
+    ("mqbtt/" + "x" * 60000 + "/shr", 1), ("mqbtt/é中文😀/log", 2),
+    ("mqbtt/a\u202eb\u200f/log", 1), ("mqbtt/'; DROP TABLE messages;--/log", 1),
+    ("mqbtt/%s%n{0}\\/log", 0), ("mqbtt/\ufeff/esp", 2),
+    ("mqbtt/..\\..\\/srv", 1), ("mqbtt/ma\u0301s/log", 1),
+]
+REJECTED_BY_BROKER = [b"mqbtt/+/log", b"mqbtt/#/log", b"mqbtt/a\x00b/log", b"mqbtt/\xff\xfe/log",
+                      b"mqbtt/\xed\xa0\x80/log", b"#", b"mqbtt/\x01\x1b[31m\x7f/log"]
+NOT_SUBSCRIBED = ["mqbtt/a/log/extra", "mqbtt/a/LOG", "mqbtt/a/lo", "MQBTT/a/log", "/mqbtt/a/log",
+                  "mqbtt/a/log/"]
+
+
+def test_hostile_topics_never_stop_the_recorder(broker, tmp_path):
+    db = str(tmp_path / "hostile.db")
+    rec = subprocess.Popen([sys.executable, MQBTT, "record", "--broker", broker.uri, "--db", db],
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        assert "recording" in rec.stderr.readline()
+        pub = raw_client(broker.uri)
+        infos = [pub.publish(t, f"payload {i}".encode() if i % 3 else os.urandom(50), q)
+                 for i, (t, q) in enumerate(HOSTILE_TOPICS)]
+        infos += [pub.publish(t, b"nobody subscribed", 1) for t in NOT_SUBSCRIBED]
+        for info in infos:
+            info.wait_for_publish(10)
+        for t in REJECTED_BY_BROKER:
+            raw_publish(broker.port, t, b"hostile")
+        pub.publish("mqbtt/final/log", b"the QoS 0 message after them", 0).wait_for_publish(10)
+        pub.disconnect()
+        reader = MQbtTDataBase(db)
+        wait_for(lambda: os.path.exists(db) and reader.count(pair_id="final") == 1,
+                 what="the final QoS 0 message in the database")
+        assert rec.poll() is None, "the recorder stopped"
+        rows = {(r.pair_id, r.subtopic) for r in reader.records()}
+        reader.close()
+        expected = {tuple(t.split("/", 1)[1].rsplit("/", 1)) for t, _ in HOSTILE_TOPICS}
+        assert rows == expected | {("final", "log")}
+    finally:
+        rec.send_signal(signal.SIGINT)
+        rc = rec.wait(20)
+        err = rec.stderr.read()
+    assert rc == 0, err
+    assert "error" not in err and "Traceback" not in err
+    assert f"stopped: {len(HOSTILE_TOPICS) + 1} messages recorded" in err
+
+
+class _FakeMsg:
+    def __init__(self, topic, payload=b"x", qos=0, mid=0):
+        self._topic, self.payload, self.qos, self.mid = topic, payload, qos, mid
+
+    @property
+    def topic(self):
+        return self._topic.decode("utf-8")   # raises as paho's does
+
+
+def test_topics_the_schema_cannot_take_are_skipped_counted_and_shown(broker, tmp_path):
+    import io
+    status = io.StringIO()
+    rec = mqbtt.Recorder(broker.uri, tmp_path / "skip.db", status=status, status_interval=0.05)
+    t = threading.Thread(target=rec.run)
+    t.start()
+    try:
+        wait_for(lambda: rec._recording, what="the recorder to connect")
+        for topic in (b"mqbtt/\xff/log", b"mqbtt/\xc3/srv", b"mqbtt/ok/log", b"mqbtt/\xed\xa0\x80/esp"):
+            rec._on_message(None, None, _FakeMsg(topic))   # as paho's network thread would
+        wait_for(lambda: rec.skipped == 3 and rec.total == 1, what="skipped and stored counts")
+        wait_for(lambda: "3 skipped" in status.getvalue(), what="the status line")
+    finally:
+        rec.stop()
+        t.join(20)
+    assert not t.is_alive()
+    assert "1 messages recorded (srv=0 esp=0 shr=0 log=1, 3 skipped (topic not UTF-8))" \
+        in status.getvalue().splitlines()[-1]
