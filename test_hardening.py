@@ -497,3 +497,261 @@ def test_topics_the_schema_cannot_take_are_skipped_counted_and_shown(broker, tmp
     assert not t.is_alive()
     assert "1 messages recorded (srv=0 esp=0 shr=0 log=1, 3 skipped (topic not UTF-8))" \
         in status.getvalue().splitlines()[-1]
+
+
+# --------------------------------------------------------------------------------------------
+# 2. signals: every long-running command stops within about a second, on every Python
+# --------------------------------------------------------------------------------------------
+
+class Blackhole:
+    """Accepts TCP connections and never answers (a broker or device that
+    hangs while the client is still connecting)."""
+
+    def __init__(self):
+        self.srv = socket.socket()
+        self.srv.bind(("127.0.0.1", 0))
+        self.srv.listen(64)
+        self.port = self.srv.getsockname()[1]
+        self.accepted = 0
+        self.conns = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                c, _ = self.srv.accept()
+            except OSError:
+                return
+            self.conns.append(c)
+            self.accepted += 1
+
+    def close(self):
+        self.srv.close()
+        for c in self.conns:
+            c.close()
+
+
+class WebSocketLogServer:
+    """A minimal AxeOS ``/api/ws``: the RFC 6455 handshake, then a short
+    text frame every 50 ms."""
+
+    def __init__(self):
+        self.srv = socket.socket()
+        self.srv.bind(("127.0.0.1", 0))
+        self.srv.listen(64)
+        self.port = self.srv.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                c, _ = self.srv.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
+
+    def _serve(self, c):
+        import base64
+        import hashlib
+        try:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = c.recv(4096)
+                if not chunk:
+                    return
+                data += chunk
+            key = [line.split(b":", 1)[1].strip() for line in data.split(b"\r\n")
+                   if line.lower().startswith(b"sec-websocket-key:")][0]
+            accept = base64.b64encode(hashlib.sha1(
+                key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+            c.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                      b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+            while True:
+                msg = b"\x1b[0;32mI (123) test: tick\x1b[0m\n"
+                c.sendall(b"\x81" + bytes([len(msg)]) + msg)
+                time.sleep(0.05)
+        except OSError:
+            pass
+        finally:
+            c.close()
+
+    def close(self):
+        self.srv.close()
+
+
+def axeos_server():
+    """An HTTP server speaking the two AxeOS calls ``restart --wait`` uses;
+    the device never comes back (its uptime keeps growing)."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    t0 = time.monotonic()
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def _json(self, obj):
+            body = json.dumps(obj).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self):
+            self._json({"uptimeSeconds": 1000 + int(time.monotonic() - t0), "hostname": "bitaxe"})
+
+        def do_POST(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv
+
+
+class Stats:
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.runs = self.signals = self.hangs = 0
+        self.times = []
+        self.failures = []
+
+
+def _signal_run(stats, exe, argv, ready, sig, delay, cwd):
+    """Start ``mqbtt ARGV`` under *exe*, wait until *ready* (text in its
+    output, or a callable), wait *delay*, send *sig*; record how long it took
+    to exit (a run that outlives 10 s is a hang and gets SIGKILL)."""
+    p = subprocess.Popen([exe, MQBTT] + argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         stdin=subprocess.DEVNULL, text=True, cwd=cwd)
+    lines = []
+    seen = threading.Event()
+
+    def read():
+        for line in p.stdout:
+            lines.append(line)
+            if isinstance(ready, str) and ready in line:
+                seen.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    what = f"{os.path.basename(os.path.dirname(os.path.dirname(exe)))} {argv[0]} {sig.name}"
+    try:
+        if isinstance(ready, str):
+            ok = seen.wait(30)
+        else:
+            ok = True
+            try:
+                wait_for(ready, 30)
+            except AssertionError:
+                ok = False
+        if not ok or p.poll() is not None:
+            with stats.lock:
+                stats.failures.append(f"{what}: never ready: {''.join(lines)[-300:]}")
+            return
+        time.sleep(delay)    # the moment of the signal, deliberately random
+        t0 = time.monotonic()
+        p.send_signal(sig)
+        try:
+            rc = p.wait(10)
+            hang = False
+        except subprocess.TimeoutExpired:
+            p.kill()
+            rc = p.wait()
+            hang = True
+        elapsed = time.monotonic() - t0
+        reader.join(5)
+        out = "".join(lines)
+        with stats.lock:
+            stats.runs += 1
+            stats.signals += 1
+            stats.hangs += hang
+            stats.times.append(elapsed)
+            if hang or rc != 0 or "Traceback" in out:
+                stats.failures.append(f"{what} ({argv}): rc={rc} hang={hang} "
+                                      f"after {elapsed:.2f}s: {out[-400:]}")
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+#: ``MQBTT_SOAK=N``: every command on every Python, and 2*N signalled recorders per
+#: Python (the README's figures); default: every command on this Python, a sample on the others
+SOAK = int(os.environ.get("MQBTT_SOAK", "0"))
+
+
+def test_every_long_running_command_stops_on_sigint_and_sigterm(broker, tmp_path):
+    exes = pythons()
+    hole, ws, http = Blackhole(), WebSocketLogServer(), axeos_server()
+    replay_db = str(tmp_path / "replay.db")
+    with MQbtTDataBase(replay_db) as db:   # two messages 1000 s apart: replay sleeps
+        for ts in (1000.0, 2000.0):
+            db.insert(MQbtTRecord(pair_id="r", subtopic="log", timestamp=ts, payload=b"x"))
+    dead = f"mqtt://127.0.0.1:{hole.port}"
+    stats = Stats()
+    jobs = []
+    rnd = random.Random(12)
+    for exe in exes:
+        tag = _version(exe)
+
+        commands = [
+            (["record", "--broker", broker.uri, "--db", f"rec-{tag}.db"], "recording"),
+            (["dump", "--broker", broker.uri, "--pid", "s"], "listening"),
+            (["echo", "--broker", broker.uri, "s"], "answering"),
+            (["replay", "--broker", broker.uri, "--db", replay_db, "--pid", "r", "--to-pid", "z"],
+             "publishing"),
+            (["wslog", "--pid", f"127.0.0.1:{ws.port}", "--file", f"ws-{tag}.log"], "connected"),
+            (["restart", "--pid", f"127.0.0.1:{http.server_port}", "--no-history", "--wait", "600"],
+             "waiting up to"),
+            # still connecting (a broker or device that never answers)
+            (["record", "--broker", dead, "--db", f"dead-{tag}.db"], None),
+            (["dump", "--broker", dead, "--pid", "s"], None),
+            (["echo", "--broker", dead, "s"], None),
+            (["replay", "--broker", dead, "--db", replay_db, "--pid", "r"], None),
+            (["wslog", "--pid", f"127.0.0.1:{hole.port}", "--file", f"dead-{tag}.log"], None),
+        ]
+        if exe != exes[0] and not SOAK:   # the other Pythons: a sample of each class
+            commands = [commands[0], commands[1], commands[6], commands[8]]
+        for argv, ready in commands:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                jobs.append((exe, argv, ready, sig, rnd.uniform(0, 0.3)))
+        # the original hang: record, signalled at random moments of its loop
+        for i in range(max(1, SOAK) * 2):
+            jobs.append((exe, ["record", "--broker", broker.uri, "--db", f"rec-{tag}-{i}.db"],
+                         "recording", rnd.choice((signal.SIGINT, signal.SIGTERM)),
+                         rnd.uniform(0, 0.5)))
+
+    def run(job):
+        exe, argv, ready, sig, delay = job
+        n = next(serial)   # parallel runs: own pair id, database and log file
+        argv = [f"{a}{n}" if a in ("s", "z") else
+                a.replace(".db", f"-{n}.db").replace(".log", f"-{n}.log")
+                if a.endswith((".db", ".log")) and a != replay_db else a for a in argv]
+        if ready is None:    # its own blackhole: ready once it accepted the connection
+            own = Blackhole()
+            argv = [a.replace(str(hole.port), str(own.port)) for a in argv]
+            try:
+                _signal_run(stats, exe, argv, lambda: own.accepted > 0, sig, delay, tmp_path)
+            finally:
+                own.close()
+        else:
+            _signal_run(stats, exe, argv, ready, sig, delay, tmp_path)
+
+    import itertools
+    from concurrent.futures import ThreadPoolExecutor
+    serial = itertools.count()
+    rnd.shuffle(jobs)
+    with ThreadPoolExecutor(6) as pool:
+        list(pool.map(run, jobs))
+    hole.close()
+    ws.close()
+    http.shutdown()
+    times = sorted(stats.times)
+    print(f"\n[signals] pythons={','.join(_version(e) for e in exes)} runs={stats.runs} "
+          f"signals={stats.signals} hangs={stats.hangs} exit time p50={times[len(times) // 2]:.2f}s "
+          f"max={times[-1]:.2f}s")
+    assert not stats.failures, "\n".join(stats.failures)
+    assert stats.runs == len(jobs) and stats.hangs == 0
+    assert times[-1] < 5.0      # about a second each, on a loaded 2-core machine
