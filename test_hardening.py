@@ -755,3 +755,245 @@ def test_every_long_running_command_stops_on_sigint_and_sigterm(broker, tmp_path
     assert not stats.failures, "\n".join(stats.failures)
     assert stats.runs == len(jobs) and stats.hangs == 0
     assert times[-1] < 5.0      # about a second each, on a loaded 2-core machine
+
+
+# --------------------------------------------------------------------------------------------
+# 2. stop() wakes every thread blocked in a library call
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("send_timeout", [None, 30.0])
+@pytest.mark.parametrize("method", ["send_reply", "send_share", "send_log"])
+def test_stop_wakes_a_blocked_sender(broker, send_timeout, method):
+    miner = MQbtTMiner(broker.uri, f"blk-{method}", send_timeout=send_timeout)
+    arg = {"send_reply": Reply(kind=1), "send_share": Share(nonce=1), "send_log": "line"}[method]
+    result = {}
+
+    def send():
+        try:
+            getattr(miner, method)(arg)
+            result["ok"] = True
+        except BaseException as err:
+            result["err"] = err
+            result["t"] = time.monotonic()
+
+    os.kill(broker.proc.pid, signal.SIGSTOP)     # the broker hangs: no acknowledgement comes
+    try:
+        t = threading.Thread(target=send)
+        t.start()
+        wait_for(lambda: miner._waiting, what="the send to block")
+        t0 = time.monotonic()
+        miner.stop()
+        t.join(10)
+        assert not t.is_alive(), "the sender is still blocked"
+    finally:
+        os.kill(broker.proc.pid, signal.SIGCONT)
+    err = result["err"]
+    assert type(err) is MQbtTSendError and not isinstance(err, MQbtTSendTimeout)
+    assert "stopped" in str(err) and "will be delivered" not in str(err)
+    assert result["t"] - t0 < 3.0
+
+
+def test_receiver_behind_a_full_bounded_queue_wakes_after_draining(broker):
+    opt = MQbtTOptimizer(broker.uri, "fullq", max_queue=5)
+    with MQbtTMiner(broker.uri, "fullq") as miner:
+        for i in range(20):
+            miner.send_share(Share(nonce=i))
+    wait_for(lambda: opt.dropped["shr"] == 15, what="the queue to fill")
+    opt.stop()
+    got, outcome = [], []
+
+    def drain():
+        try:
+            while True:
+                got.append(opt.receive_share())   # blocking, no timeout
+        except MQbtTConnectionError as err:
+            outcome.append(err)
+
+    t = threading.Thread(target=drain, daemon=True)
+    t.start()
+    t.join(10)
+    assert not t.is_alive(), "the receiver hangs after draining the full queue"
+    assert [s.nonce for s in got] == [0, 1, 2, 3, 4] and outcome
+    with pytest.raises(MQbtTConnectionError):    # and again: the wake-up stays
+        opt.receive_share(timeout=5)
+
+
+def test_stop_during_connect_returns_at_once_from_another_thread(tmp_path):
+    hole = Blackhole()
+    rec = mqbtt.Recorder(f"mqtt://127.0.0.1:{hole.port}", tmp_path / "c.db", connect_timeout=60)
+    out = []
+    t = threading.Thread(target=lambda: out.append(rec.run()))
+    t.start()
+    wait_for(lambda: hole.accepted, what="the connection attempt")
+    t0 = time.monotonic()
+    rec.stop()
+    t.join(10)
+    hole.close()
+    assert not t.is_alive() and out == [0] and time.monotonic() - t0 < 3.0
+    assert os.listdir(tmp_path) == []   # no database, no lock file
+
+
+# --------------------------------------------------------------------------------------------
+# 3. transient refusals are retried; bad credentials and "not authorized" are final
+# --------------------------------------------------------------------------------------------
+
+class RefusingProxy:
+    """A TCP proxy to a real broker that answers the n-th connection itself
+    with ``CONNACK <code>`` when ``plan[n]`` says so (connections count from 1)."""
+
+    def __init__(self, target_port, plan):
+        self.target, self.plan = target_port, dict(plan)
+        self.srv = socket.socket()
+        self.srv.bind(("127.0.0.1", 0))
+        self.srv.listen(16)
+        self.port = self.srv.getsockname()[1]
+        self.accepted = 0
+        self.socks = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                c, _ = self.srv.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            code = self.plan.get(self.accepted)
+            if code is not None:
+                threading.Thread(target=self._refuse, args=(c, code), daemon=True).start()
+                continue
+            up = socket.create_connection(("127.0.0.1", self.target))
+            self.socks += [c, up]
+            for a, b in ((c, up), (up, c)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _refuse(c, code):
+        try:
+            c.settimeout(5)
+            c.recv(65536)                             # the CONNECT
+            c.sendall(bytes([0x20, 2, 0, code]))      # CONNACK: session present 0, return code
+            c.recv(1)                                 # the client closes
+        except OSError:
+            pass
+        finally:
+            c.close()
+
+    @staticmethod
+    def _pump(a, b):
+        try:
+            while True:
+                data = a.recv(65536)
+                if not data:
+                    break
+                b.sendall(data)
+        except OSError:
+            pass
+        for s in (a, b):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cut(self):
+        socks, self.socks = self.socks, []
+        for s in socks:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self):
+        self.srv.close()
+        self.cut()
+
+
+def test_transient_connack_refusals_are_retried(broker, caplog):
+    import logging
+    caplog.set_level(logging.INFO, logger="mqbtt")
+    # 2nd connection: 3 "server unavailable"; 3rd: 2 "identifier rejected"; 4th: the broker
+    proxy = RefusingProxy(broker.port, {2: 3, 3: 2})
+    opt = MQbtTOptimizer(f"mqtt://127.0.0.1:{proxy.port}", "transient")
+    try:
+        proxy.cut()
+        wait_for(lambda: opt.connections == 2, timeout=30, what="the reconnection")
+        assert proxy.accepted == 4 and opt._error is None
+        with MQbtTMiner(broker.uri, "transient") as miner:
+            miner.send_share(Share(nonce=42))
+        assert opt.receive_share(timeout=10).nonce == 42
+        text = caplog.text
+        assert "Server unavailable); retrying" in text
+        assert "Client identifier not valid); retrying" in text
+    finally:
+        opt.stop()
+        proxy.close()
+
+
+@pytest.mark.parametrize("code,reason", [(4, "Bad user name or password"), (5, "Not authorized")])
+def test_credential_refusals_stay_final(broker, code, reason):
+    proxy = RefusingProxy(broker.port, {2: code, 3: code, 4: code})
+    opt = MQbtTOptimizer(f"mqtt://127.0.0.1:{proxy.port}", f"final{code}")
+    try:
+        proxy.cut()
+        with pytest.raises(MQbtTConnectionError, match=f"{reason}.*not retrying"):
+            opt.receive_share(timeout=30)
+        assert proxy.accepted == 2
+    finally:
+        opt.stop()
+        proxy.close()
+
+
+def test_refusal_rule_covers_mqtt5_codes():
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.reasoncodes import ReasonCode
+    fatal = {134, 135, 140}
+    seen = set()
+    for value in range(128, 160):
+        try:
+            rc = ReasonCode(PacketTypes.CONNACK, identifier=value)
+        except (KeyError, ValueError):
+            continue   # not a CONNACK code
+        seen.add(value)
+        assert mqbtt._refusal_is_fatal(rc) == (value in fatal), rc
+    assert {136, 137, 151, 159} <= seen   # server unavailable, busy, quota exceeded, rate
+
+
+SLOW_HANDLER = """
+import signal, sys, time
+sys.path.insert(0, sys.argv[1])
+import mqbtt
+rec = mqbtt.Recorder(sys.argv[2], sys.argv[3], status=sys.stderr)
+stop = rec.stop
+def slow_stop():      # a signal handler that outlasts the 0.2 s queue wait (a loaded machine)
+    time.sleep(0.3)
+    stop()
+signal.signal(signal.SIGTERM, lambda *a: slow_stop())
+rec.run()
+"""
+
+
+def test_recorder_survives_a_signal_handler_slower_than_its_queue_wait(broker, tmp_path):
+    # the root cause of the hang: on CPython <= 3.12, SimpleQueue.get(timeout) interrupted by a
+    # signal waits again with the time left, and a negative remainder means "for ever"
+    stats = Stats()
+    for i, exe in enumerate(pythons()):
+        script = tmp_path / "slow.py"
+        script.write_text(SLOW_HANDLER)
+        p = subprocess.Popen([exe, str(script), ROOT, broker.uri, str(tmp_path / f"s{i}.db")],
+                             stderr=subprocess.PIPE, text=True)
+        assert "recording" in p.stderr.readline()
+        for delay in (0.05, 0.15):
+            time.sleep(delay)     # before, and near, the end of a 0.2 s wait
+            p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(10)
+            hang = False
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+            hang = True
+        stats.runs += 1
+        stats.signals += 2
+        stats.hangs += hang
+        assert not hang, f"{_version(exe)}: the recorder hangs after SIGTERM"
+        assert p.returncode == 0
