@@ -1037,7 +1037,7 @@ class MQbtTBase:
         if timeout is not None:
             if timeout < 0:
                 raise ValueError("timeout must be a non-negative number")
-            item = q.get(True, timeout)
+            item = _timed_get(q, timeout)
         elif blocking:
             item = q.get()
         else:
@@ -1161,6 +1161,55 @@ class MQbtTBase:
 
 #: paho's MQTTErrorCode.MQTT_ERR_QUEUE_SIZE (publish() could not queue the message)
 _MQTT_ERR_QUEUE_SIZE = 15
+
+
+#: whether ``SimpleQueue.get(timeout=...)`` survives signals: on CPython <= 3.12,
+#: interrupted by a signal whose handler returns, it waits again with the time
+#: left, and a negative remainder means "wait for ever"
+_SIGNAL_SAFE_GET = sys.version_info >= (3, 13) or sys.platform == "win32"
+
+#: the asynchronous signals held back while a thread waits on a SimpleQueue
+#: (see :func:`_timed_get`); synchronous ones (SIGSEGV...) are never blocked
+_ASYNC_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGALRM",
+                  "SIGCHLD", "SIGWINCH", "SIGPIPE", "SIGIO", "SIGURG", "SIGPROF", "SIGVTALRM")
+
+
+def _timed_get(q, timeout):
+    """``q.get(True, timeout)`` that can neither miss its deadline nor hang
+    because of a signal, on every supported Python.
+
+    On CPython <= 3.12 a :class:`queue.SimpleQueue` wait interrupted by a
+    signal handler may wait for ever.  There the wait is cut into slices of
+    at most 0.1 s during which the calling thread holds asynchronous signals
+    back (they are delivered as soon as the slice ends, or handled by another
+    thread's C handler meanwhile): a signal costs at most 0.1 s of latency and
+    an arriving message none."""
+    if _SIGNAL_SAFE_GET or not isinstance(q, queue.SimpleQueue):
+        return q.get(True, timeout)
+    try:
+        return q.get_nowait()
+    except Empty:
+        if timeout <= 0:
+            raise
+    import signal
+    sigs = _timed_get.sigs
+    if sigs is None:
+        sigs = _timed_get.sigs = {getattr(signal, n) for n in _ASYNC_SIGNALS if hasattr(signal, n)}
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise Empty
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+        try:
+            return q.get(True, min(left, 0.1))
+        except Empty:
+            pass
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+_timed_get.sigs = None
 
 
 def _put_always(q, item):
@@ -2203,7 +2252,7 @@ class Recorder:
         last_total = 0
         while not self._stopping:
             try:
-                first = self._queue.get(timeout=0.2)   # stop() puts None: never stuck here
+                first = _timed_get(self._queue, 0.2)   # stop() also puts None to wake it
             except Empty:
                 first = None
             if first is not None:
@@ -2412,7 +2461,7 @@ def dump(broker_uri: str, pair_id: str, mode: str, out=None, as_json: bool = Fal
             ready()
         while count is None or n < count:
             try:
-                ts, t, payload = q.get(timeout=0.5)
+                ts, t, payload = _timed_get(q, 0.5)
             except Empty:
                 continue
             where = _parse_topic(t)

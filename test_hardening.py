@@ -908,9 +908,14 @@ class RefusingProxy:
         self.cut()
 
 
-def test_transient_connack_refusals_are_retried(broker, caplog):
+def test_transient_connack_refusals_are_retried(broker):
     import logging
-    caplog.set_level(logging.INFO, logger="mqbtt")
+    records = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: records.append(record.getMessage())
+    mqbtt.log.addHandler(handler)
+    level = mqbtt.log.level
+    mqbtt.log.setLevel(logging.INFO)
     # 2nd connection: 3 "server unavailable"; 3rd: 2 "identifier rejected"; 4th: the broker
     proxy = RefusingProxy(broker.port, {2: 3, 3: 2})
     opt = MQbtTOptimizer(f"mqtt://127.0.0.1:{proxy.port}", "transient")
@@ -921,12 +926,14 @@ def test_transient_connack_refusals_are_retried(broker, caplog):
         with MQbtTMiner(broker.uri, "transient") as miner:
             miner.send_share(Share(nonce=42))
         assert opt.receive_share(timeout=10).nonce == 42
-        text = caplog.text
+        text = "\n".join(records)
         assert "Server unavailable); retrying" in text
         assert "Client identifier not valid); retrying" in text
     finally:
         opt.stop()
         proxy.close()
+        mqbtt.log.removeHandler(handler)
+        mqbtt.log.setLevel(level)
 
 
 @pytest.mark.parametrize("code,reason", [(4, "Bad user name or password"), (5, "Not authorized")])
@@ -997,3 +1004,31 @@ def test_recorder_survives_a_signal_handler_slower_than_its_queue_wait(broker, t
         stats.hangs += hang
         assert not hang, f"{_version(exe)}: the recorder hangs after SIGTERM"
         assert p.returncode == 0
+
+
+SLOW_RECEIVE = """
+import os, signal, sys, threading, time
+sys.path.insert(0, sys.argv[1])
+import mqbtt
+opt = mqbtt.MQbtTOptimizer(sys.argv[2], "slowrecv" + str(os.getpid()))
+signal.signal(signal.SIGUSR1, lambda *a: time.sleep(0.3))   # a handler that returns, slowly
+for delay in (0.05, 0.15):
+    threading.Timer(delay, os.kill, (os.getpid(), signal.SIGUSR1)).start()
+t0 = time.monotonic()
+try:
+    opt.receive_share(timeout=0.2)
+except mqbtt.Empty:
+    print("Empty after %.2f s" % (time.monotonic() - t0))
+opt.stop()
+"""
+
+
+def test_timed_receive_keeps_its_deadline_despite_signal_handlers(broker, tmp_path):
+    script = tmp_path / "slowrecv.py"
+    script.write_text(SLOW_RECEIVE)
+    for exe in pythons():
+        out = subprocess.run([exe, str(script), ROOT, broker.uri], capture_output=True, text=True,
+                             timeout=30)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.startswith("Empty after "), (_version(exe), out.stdout, out.stderr)
+        assert float(out.stdout.split()[2]) < 2.0
