@@ -60,7 +60,7 @@ __all__ = [
     "config_path", "HTTP_TIMEOUT", "AXEOS_PRIVATE_NETWORKS",
     # recording and analysis
     "MQbtTRecord", "MQbtTDataBase", "MQbtTDatabase", "Recorder", "record",
-    "recorder_client_id", "dump", "format_dump", "replay", "request_reply_pairs",
+    "recorder_client_id", "dump", "format_dump", "replay", "request_reply_pairs", "MIN_SPEED",
     # distribution: zipapp, symlinks and upgrade
     "upgrade", "install_links", "link_names", "run_script", "running_zipapp", "UPGRADE_URL",
     "main",
@@ -3735,7 +3735,8 @@ def main(argv: list | None = None, prog: str | None = None) -> int:
             print(f"mqbtt: error: unknown command {cmd!r}", file=sys.stderr)
             return 2
     _cli_logging(cmd)
-    restore = _sigterm_interrupts()
+    # "run": the user's script owns its signals
+    restore = _sigterm_interrupts() if cmd != "run" else (lambda: None)
     try:
         return _HANDLERS[cmd](list(argv)) or 0
     except SystemExit as e:  # argparse: --help, --version, usage errors

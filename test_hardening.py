@@ -1004,6 +1004,7 @@ def test_recorder_survives_a_signal_handler_slower_than_its_queue_wait(broker, t
         stats.hangs += hang
         assert not hang, f"{_version(exe)}: the recorder hangs after SIGTERM"
         assert p.returncode == 0
+    print(f"\n[slow handler] runs={stats.runs} signals={stats.signals} hangs={stats.hangs}")
 
 
 SLOW_RECEIVE = """
