@@ -1286,7 +1286,9 @@ class MQbtTOptimizer(MQbtTBase):
         :param request: the :class:`Request` to send.
         :param blocking: whether to block until the broker acknowledged it.
         :param timeout: seconds to wait when blocking (default :attr:`send_timeout`).
-        :raises MQbtTSendTimeout: if the broker did not acknowledge in time."""
+        :raises MQbtTSendTimeout: if the broker did not acknowledge in time.
+        :raises MQbtTSendError: if the client is stopped, also by :meth:`stop` in another
+          thread while this send waits (the message may or may not have been delivered)."""
         self._publish("srv", request.to_bytes(), blocking, timeout)
 
     def has_reply(self) -> bool:

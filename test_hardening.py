@@ -26,7 +26,6 @@ import pytest
 import mqbtt
 from mqbtt import (MQbtTConnectionError, MQbtTDataBase, MQbtTError, MQbtTMiner, MQbtTOptimizer,
                    MQbtTRecord, MQbtTSendError, MQbtTSendTimeout, Reply, Request, Share)
-from local_broker import LocalBroker
 from test_mqbtt import raw_client, wait_for
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -373,7 +372,7 @@ def test_replay_skips_bad_rows_and_publishes_the_rest(broker, tmp_path):
 
 
 def test_notebook_runs_on_a_database_with_bad_rows(tmp_path):
-    nbformat = pytest.importorskip("nbformat") if False else __import__("nbformat")
+    import nbformat
     from nbclient import NotebookClient
     path = str(tmp_path / "other-tool.db")
     _hostile_db(path)
