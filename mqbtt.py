@@ -1626,6 +1626,11 @@ def _sqlite_open(path: str, create: bool):
         raise MQbtTError(f"cannot open the database {path!r}: {err}") from None
     try:
         conn.execute("PRAGMA busy_timeout = 30000")
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if tables and "messages" not in tables:   # another program's database: leave it alone
+            conn.close()
+            raise MQbtTError(f"the database {path!r} is not an mqbtt recording (it has no "
+                             "messages table)")
         conn.execute("PRAGMA journal_mode = WAL")
         # FULL: a commit survives a power cut too, because the recorder
         # acknowledges messages to the broker only after it
@@ -2504,9 +2509,15 @@ def replay(db_path: str, broker_uri: str, pair_id: str, to_pid: str | None = Non
     db_path = _check_db_path(db_path)
     if not os.path.exists(db_path):
         raise MQbtTError(f"no such database: {db_path}")
-    broker = BrokerURI.parse(broker_uri if broker_uri is not None else default_broker())
-    conn = _Connection(broker, f"mqbtt-replay-{os.urandom(6).hex()}", True, [], None, keepalive)
-    conn.start(connect_timeout)
+    # opened before connecting: a file that is not a database is reported first
+    db = MQbtTDataBase(db_path)
+    try:
+        broker = BrokerURI.parse(broker_uri if broker_uri is not None else default_broker())
+        conn = _Connection(broker, f"mqbtt-replay-{os.urandom(6).hex()}", True, [], None, keepalive)
+        conn.start(connect_timeout)
+    except BaseException:
+        db.close()
+        raise
     if connected is not None:
         connected()
     n = skipped = 0
@@ -2518,7 +2529,7 @@ def replay(db_path: str, broker_uri: str, pair_id: str, to_pid: str | None = Non
                                    f"message within {send_timeout:g} s")
 
     try:
-        with MQbtTDataBase(db_path) as db:
+        with db:
             t0 = m0 = None
             for rec in db.records(pair_id=pair_id, min_timestamp=min_timestamp,
                                   max_timestamp=max_timestamp):

@@ -1032,3 +1032,25 @@ def test_timed_receive_keeps_its_deadline_despite_signal_handlers(broker, tmp_pa
         assert out.returncode == 0, out.stderr
         assert out.stdout.startswith("Empty after "), (_version(exe), out.stdout, out.stderr)
         assert float(out.stdout.split()[2]) < 2.0
+
+
+def test_files_that_are_not_recordings_are_refused_in_one_line_and_left_alone(tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("password = not a database\n")
+    other = tmp_path / "other-app.db"
+    conn = sqlite3.connect(other)
+    conn.execute("CREATE TABLE users (name TEXT)")
+    conn.commit()
+    conn.close()
+    before = other.read_bytes()
+    for path, what in ((text, "file is not a database"), (other, "not an mqbtt recording"),
+                       (tmp_path, "unable to open")):
+        for argv in (["replay", "--db", str(path), "--pid", "p"], ["record", "--db", str(path)]):
+            out = _run(argv + ["--broker", "mqtt://127.0.0.1:1"])
+            assert out.returncode == 1, out.stderr
+            assert out.stderr.count("\n") == 1 and what in out.stderr, out.stderr
+            assert "password" not in out.stderr
+        with pytest.raises(MQbtTError, match=what):
+            MQbtTDataBase(path)
+    assert other.read_bytes() == before   # no table, index or journal mode added
+    assert sorted(os.listdir(tmp_path)) == ["notes.txt", "other-app.db"]
