@@ -710,6 +710,7 @@ def test_every_long_running_command_stops_on_sigint_and_sigterm(broker, tmp_path
             (["echo", "--broker", dead, "s"], None),
             (["replay", "--broker", dead, "--db", replay_db, "--pid", "r"], None),
             (["wslog", "--pid", f"127.0.0.1:{hole.port}", "--file", f"dead-{tag}.log"], None),
+            (["restart", "--pid", f"127.0.0.1:{hole.port}", "--no-history", "--wait", "600"], None),
         ]
         if exe != exes[0] and not SOAK:   # the other Pythons: a sample of each class
             commands = [commands[0], commands[1], commands[6], commands[8]]
