@@ -32,6 +32,17 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 MQBTT = os.path.join(ROOT, "mqbtt.py")
 
 
+@pytest.fixture(autouse=True)
+def _restore_mqbtt_logger():
+    # mqbtt.main() in-process installs a stderr handler (bound to this test's capture) and stops
+    # propagation: undo it, so later tests' caplog still sees the mqbtt logger
+    log = mqbtt.log
+    saved = (list(log.handlers), log.propagate, log.level)
+    yield
+    log.handlers[:] = saved[0]
+    log.propagate, log.level = saved[1], saved[2]
+
+
 def pythons():
     """Every supported CPython installed here (pyenv 3.10-3.13, with paho), this one first."""
     found = [sys.executable]
