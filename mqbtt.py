@@ -215,7 +215,7 @@ def _check_uint(obj, name, value, top):
             value = operator.index(value)
         except TypeError:
             raise _FieldTypeError(f"{type(obj).__name__}.{name} must be an integer, "
-                            f"not {type(value).__name__}") from None
+                                  f"not {type(value).__name__}") from None
     if not 0 <= value <= top:
         raise ValueError(f"{type(obj).__name__}.{name} must be in 0..{top}, not {value}"[:300])
 
@@ -232,7 +232,7 @@ def _check_real(obj, name, value):
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _FieldTypeError(f"{type(obj).__name__}.{name} must be a real number, "
-                        f"not {type(value).__name__}")
+                              f"not {type(value).__name__}")
     try:
         float(value)
     except OverflowError:
@@ -242,7 +242,7 @@ def _check_real(obj, name, value):
 def _check_type(obj, name, value, cls):
     if value.__class__ is not cls and not isinstance(value, cls):
         raise _FieldTypeError(f"{type(obj).__name__}.{name} must be {cls.__name__}, "
-                        f"not {type(value).__name__}")
+                              f"not {type(value).__name__}")
 
 
 
