@@ -2209,21 +2209,23 @@ class Recorder:
         subs = [(f"mqbtt/+/{s}", min(SUBTOPICS[s], 1)) for s in self.subtopics]
         self._claim = _claim_recorder(self.db_path, self.client_id)
         created = not os.path.exists(self.db_path)
-        self._conn = _Connection(self.broker, self.client_id, False, subs, self._on_message,
-                                 self.keepalive, notify=self._say, manual_ack=True,
-                                 on_fatal=lambda err: self.stop())
-        if self._stopping:
-            self._conn.abort()
         try:
             try:
+                self._conn = _Connection(self.broker, self.client_id, False, subs,
+                                         self._on_message, self.keepalive, notify=self._say,
+                                         manual_ack=True, on_fatal=lambda err: self.stop())
+                if self._stopping:
+                    self._conn.abort()
                 self._conn.start(self.connect_timeout)
                 self._db._check_writable()   # creates the file: only once connected
             except BaseException as err:
-                self._conn.stop()
+                if self._conn is not None:
+                    self._conn.stop()
                 self._close_db()
                 if created:
                     _remove_empty_db(self.db_path)
-                if self._conn.aborted and isinstance(err, MQbtTConnectionError):
+                if self._conn is not None and self._conn.aborted \
+                        and isinstance(err, MQbtTConnectionError):
                     self._say("stopped while connecting: nothing recorded", line=True)
                     return 0   # stop() called while connecting
                 raise

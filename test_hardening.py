@@ -267,8 +267,10 @@ def test_record_that_fails_to_start_leaves_nothing_behind(tmp_path):
     dead.bind(("127.0.0.1", 0))
     port = dead.getsockname()[1]
     dead.close()            # nothing listens: connection refused
-    for db in ("new.db", "sub dir/new.db"):
-        out = _run(["record", "--broker", f"mqtt://127.0.0.1:{port}", "--db", str(tmp_path / db)])
+    for broker_uri, db in ((f"mqtt://127.0.0.1:{port}", "new.db"),
+                           (f"mqtt://127.0.0.1:{port}", "sub dir/new.db"),
+                           (f"mqtts://127.0.0.1:{port}?cafile={tmp_path}/missing.pem", "tls.db")):
+        out = _run(["record", "--broker", broker_uri, "--db", str(tmp_path / db)])
         assert out.returncode == 1
         assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr, out.stderr
     assert os.listdir(tmp_path) == []
