@@ -75,7 +75,7 @@ __all__ = [
     "config_path", "HTTP_TIMEOUT", "AXEOS_PRIVATE_NETWORKS",
     # recording and analysis
     "MQbtTRecord", "MQbtTDataBase", "MQbtTDatabase", "Recorder", "record",
-    "recorder_client_id", "dump", "format_dump", "replay", "request_reply_pairs",
+    "recorder_client_id", "dump", "format_dump", "replay", "request_reply_pairs", "MIN_SPEED",
     # recordings from the command line: info, export, replay checks
     "MQbtTNotFound", "open_recording", "replay_plan", "parse_time", "export",
     "describe_message", "EXPORT_FIELDS", "EXPORT_FORMATS",
@@ -389,6 +389,59 @@ def _serialize(self, pbname, **fields):
 
 _new = object.__new__
 
+# -- field validation (issue 12): constructors refuse wrong types and values
+# out of range, so nothing goes out silently converted; from_bytes() bypasses
+# it (decoded values are valid by construction).
+
+class _FieldTypeError(TypeError, ValueError):
+    """A message field of the wrong type: a ``TypeError``, and also a
+    ``ValueError`` as documented before (``except ValueError`` still works)."""
+
+
+_U32 = 0xFFFFFFFF
+_U64 = 0xFFFFFFFFFFFFFFFF
+
+
+def _check_uint(obj, name, value, top):
+    """*value* is an int in 0..*top* (bool excluded), else TypeError/ValueError."""
+    if value.__class__ is not int:
+        import operator
+        if isinstance(value, bool):
+            raise _FieldTypeError(f"{type(obj).__name__}.{name} must be an integer, not {value!r}")
+        try:
+            value = operator.index(value)
+        except TypeError:
+            raise _FieldTypeError(f"{type(obj).__name__}.{name} must be an integer, "
+                                  f"not {type(value).__name__}") from None
+    if not 0 <= value <= top:
+        raise ValueError(f"{type(obj).__name__}.{name} must be in 0..{top}, not {value}"[:300])
+
+
+def _check_bool(obj, name, value):
+    if value is not True and value is not False:
+        raise _FieldTypeError(f"{type(obj).__name__}.{name} must be a bool, not {value!r}"[:300])
+
+
+def _check_real(obj, name, value):
+    """*value* is a float, or an int that fits a double (NaN and infinities
+    are allowed: the wire format is a protobuf double)."""
+    if value.__class__ is float:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _FieldTypeError(f"{type(obj).__name__}.{name} must be a real number, "
+                              f"not {type(value).__name__}")
+    try:
+        float(value)
+    except OverflowError:
+        raise ValueError(f"{type(obj).__name__}.{name} is too large for a double") from None
+
+
+def _check_type(obj, name, value, cls):
+    if value.__class__ is not cls and not isinstance(value, cls):
+        raise _FieldTypeError(f"{type(obj).__name__}.{name} must be {cls.__name__}, "
+                              f"not {type(value).__name__}")
+
+
 
 class Kind(enum.IntEnum):
     """The kind of a :class:`Reply`."""
@@ -414,8 +467,9 @@ class Request:
       :meth:`MQbtTOptimizer.send_request`, copied by the miner into its
       :class:`Reply`.  Not part of ``repr`` nor of ``==``.
 
-    Integers are unsigned 32-bit on the wire (a ``ValueError`` is raised by
-    :meth:`to_bytes` otherwise).
+    Integers are unsigned 32-bit on the wire: the constructor raises
+    ``TypeError`` for a value that is not an ``int`` (``reset``: not a
+    ``bool``) and ``ValueError`` for one out of range.
     """
     timestamp_min: int = 0
     timestamp_max: int = 0
@@ -423,6 +477,14 @@ class Request:
     nonce_size: int = 0
     reset: bool = False
     request_id: int = dataclasses.field(default=0, compare=False, repr=False)
+
+    def __post_init__(self):
+        d = self.__dict__
+        for name in ("timestamp_min", "timestamp_max", "nonce_start", "nonce_size"):
+            v = d[name]
+            if v.__class__ is not int or not 0 <= v <= _U32:
+                _check_uint(self, name, v, _U32)
+        _check_bool(self, "reset", d["reset"])
 
     def to_bytes(self) -> bytes:
         """Serialize the Request to bytes using protobuf.
@@ -458,11 +520,32 @@ class Reply:
     :param new_block: Whether a new block was found.
     :param request_id: The ``request_id`` of the :class:`Request` this reply
       answers (unsigned 64-bit, 0 = unknown).  Not part of ``repr`` nor of ``==``.
+
+    The constructor raises ``TypeError`` for a value of the wrong type (e.g.
+    ``kind=1.0``) and ``ValueError`` for one out of range; an int *kind* is
+    converted to :class:`Kind`.
     """
     kind: Kind = Kind.RESULT
     num_shares: int = 0
     new_block: bool = False
     request_id: int = dataclasses.field(default=0, compare=False, repr=False)
+
+    def __post_init__(self):
+        d = self.__dict__
+        kind = d["kind"]
+        if kind.__class__ is not Kind:
+            if kind.__class__ is not int and not (isinstance(kind, int) and not isinstance(kind, bool)):
+                raise _FieldTypeError(f"Reply.kind must be a Kind or an int, not {kind!r}"[:300])
+            try:
+                d["kind"] = Kind(kind)
+            except ValueError:
+                raise ValueError(f"Reply.kind must be one of "
+                                 f"{', '.join(f'{k.name} ({k.value})' for k in Kind)}, "
+                                 f"not {kind}"[:300]) from None
+        v = d["num_shares"]
+        if v.__class__ is not int or not 0 <= v <= _U64:
+            _check_uint(self, "num_shares", v, _U64)
+        _check_bool(self, "new_block", d["new_block"])
 
     def to_bytes(self) -> bytes:
         """Serialize the Reply to bytes using protobuf.
@@ -510,6 +593,10 @@ class Share:
     :param extranonce2: The extranonce2 (the stratum hex string).
     :param diff: The difficulty of the share (a real number).
     :param zeroes: The (approximate) number of leading binary zeroes in the share.
+
+    The constructor raises ``TypeError`` for a value of the wrong type and
+    ``ValueError`` for one out of range (integers are unsigned 32-bit; a real
+    number must fit a double).
     """
     version: int = 0
     prev_block: bytes = b""
@@ -523,6 +610,22 @@ class Share:
     extranonce2: str = ""
     diff: float = 0.0
     zeroes: int = 0
+
+    def __post_init__(self):
+        d = self.__dict__
+        for name in _SHARE_U32:
+            v = d[name]
+            if v.__class__ is not int or not 0 <= v <= _U32:
+                _check_uint(self, name, v, _U32)
+        for name in ("pool_diff", "diff"):
+            if d[name].__class__ is not float:
+                _check_real(self, name, d[name])
+        for name in ("prev_block", "merkle_root"):
+            if d[name].__class__ is not bytes:
+                _check_type(self, name, d[name], bytes)
+        for name in ("job_id", "extranonce2"):
+            if d[name].__class__ is not str:
+                _check_type(self, name, d[name], str)
 
     def to_bytes(self) -> bytes:
         """Serialize the Share to bytes using protobuf.
@@ -579,6 +682,7 @@ class Share:
 
 
 _SHARE_FIELDS = frozenset(f.name for f in dataclasses.fields(Share))
+_SHARE_U32 = ("version", "time", "pool_time", "bits", "nonce", "zeroes")
 # The generated __init__ keeps the defaults; the class attributes holding them
 # would hide the lazily-read fields from __getattr__.
 for _name in _SHARE_FIELDS:
@@ -896,6 +1000,18 @@ def _tcp_nodelay(client, userdata, sock, on=True):
         pass
 
 
+#: CONNACK reason codes that end a client for good once it had connected:
+#: bad credentials and "not authorized" (MQTT 3.1.1 codes 4 and 5, MQTT 5
+#: codes 134, 135 and 140 "bad authentication method").  Any other refusal
+#: ("server unavailable", "server busy", "quota exceeded"...) is transient:
+#: retried with the usual back-off.
+_FATAL_CONNACK = frozenset((4, 5, 134, 135, 140))
+
+
+def _refusal_is_fatal(reason_code) -> bool:
+    return getattr(reason_code, "value", reason_code) in _FATAL_CONNACK
+
+
 ###############################################################################
 # Quick ACKs: no delayed-ACK stalls on brokers without set_tcp_nodelay ########
 ###############################################################################
@@ -995,6 +1111,7 @@ class _Connection:
         self.connected_at = 0.0
         self.subscribed = False
         self.error = None
+        self.aborted = False
         self.client = c = _paho_client(broker, client_id, clean_session, **kwargs)
         c.on_connect = self._on_connect
         c.on_subscribe = self._on_subscribe
@@ -1013,14 +1130,17 @@ class _Connection:
         deadline = time.monotonic() + timeout
         try:
             with self.cond:
-                while not (self.subscribed or self.error):
+                while not (self.subscribed or self.error or self.aborted):
                     left = deadline - time.monotonic()
                     if left <= 0:
                         break
                     self.cond.wait(left)
                 err = self.error
-                ok = self.subscribed and err is None
+                ok = self.subscribed and err is None and not self.aborted
                 self.started = ok
+                if self.aborted and err is None:
+                    err = MQbtTConnectionError(f"connection to {self.broker} abandoned: stopped "
+                                               "while connecting")
         except BaseException:   # Ctrl-C while connecting: leave no client running
             self.stop()
             raise
@@ -1043,6 +1163,12 @@ class _Connection:
 
     def _on_connect(self, client, userdata, flags, reason_code, properties):
         if reason_code.is_failure:
+            if self.started and not _refusal_is_fatal(reason_code):
+                # "server unavailable", v5 "server busy", "quota exceeded"...: paho
+                # drops this connection and retries with the usual back-off
+                self.notify(f"broker {self.broker} refused the connection ({reason_code}); "
+                            "retrying")
+                return
             client.disconnect()
             self._fail(MQbtTConnectionError(
                 f"broker {self.broker} refused the connection of client id "
@@ -1082,13 +1208,33 @@ class _Connection:
             if self.on_drop is not None:
                 self.on_drop(lasted)
 
+    def abort(self):
+        """End a :meth:`start` in progress (safe from a signal handler)."""
+        self.aborted = True
+        with self.cond:
+            self.cond.notify_all()
+
     def stop(self):
         self.stopping = True
         try:
             self.client.disconnect()
         except Exception:  # pragma: no cover - paho raises nothing here normally
             pass
-        self.client.loop_stop()
+        _loop_stop(self.client)
+
+
+def _loop_stop(client, timeout: float = 2.0):
+    """paho's ``loop_stop()`` without its unbounded join: a network thread
+    stuck in a connection attempt (up to ``connect_timeout``) is left to end
+    by itself (it is a daemon thread)."""
+    thread = getattr(client, "_thread", None)
+    if thread is None or thread is threading.current_thread():
+        client.loop_stop()
+        return
+    client._thread_terminate = True
+    thread.join(timeout)
+    if not thread.is_alive():
+        client._thread = None
 
 
 class MQbtTBase:
@@ -1163,6 +1309,8 @@ class MQbtTBase:
         # keyed by the topic's bytes: paho's MQTTMessage.topic decodes them each time
         self._topics = {topic(self.pair_id, sub).encode(): sub for sub, _ in subs}
         self._stopped = False
+        self._stop_event = threading.Event()   # set by stop(): blocked senders give up
+        self._waiting = set()     # MQTTMessageInfo a blocking send waits for
         self._pending = deque()   # MQTTMessageInfo of non-blocking QoS>0 sends
         self._short_sessions = deque(maxlen=4)
         self._takeover_warned = 0.0
@@ -1255,10 +1403,7 @@ class MQbtTBase:
 
     def _wake_receivers(self):
         for q in self._queues.values():
-            try:
-                q.put_nowait(_FATAL)
-            except queue.Full:
-                pass
+            _put_always(q, _FATAL)
 
     # -- receiving ----------------------------------------------------------------
     def _receive(self, subtopic, blocking=True, timeout=None):
@@ -1267,7 +1412,7 @@ class MQbtTBase:
         if timeout is not None:
             if timeout < 0:
                 raise ValueError("timeout must be a non-negative number")
-            item = q.get(True, timeout)
+            item = _timed_get(q, timeout)
         elif blocking:
             item = q.get()
         else:
@@ -1276,7 +1421,7 @@ class MQbtTBase:
             except Empty:
                 return None
         if item is _FATAL:
-            q.put_nowait(_FATAL)
+            _put_always(q, _FATAL)
             raise self._error
         return item
 
@@ -1300,7 +1445,8 @@ class MQbtTBase:
         pending = self._pending
         while pending and pending[0]._published:
             pending.popleft()
-        if len(pending) >= self.max_pending and not _wait_published(pending[0], timeout):
+        if len(pending) >= self.max_pending and not _wait_published(pending[0], timeout,
+                                                                    self._stop_event):
             raise MQbtTSendTimeout(
                 f"{len(pending)} messages still wait for the broker {self.broker}'s "
                 f"acknowledgement after {timeout:g} s; not sending more")
@@ -1315,7 +1461,18 @@ class MQbtTBase:
         if not blocking:
             pending.append(info)
             return
-        if not _wait_published(info, timeout):
+        waiting = self._waiting
+        waiting.add(info)
+        try:
+            ok = _wait_published(info, timeout, self._stop_event)
+        finally:
+            waiting.discard(info)
+        if not ok and self._stopped:
+            raise MQbtTSendError(
+                f"the client was stopped before the broker {self.broker} acknowledged the "
+                f"message on {topic(self.pair_id, subtopic)}: it may or may not have been "
+                "delivered")
+        if not ok:
             pending.append(info)
             raise MQbtTSendTimeout(
                 f"the broker {self.broker} did not acknowledge the message on "
@@ -1335,7 +1492,7 @@ class MQbtTBase:
         while self._pending:
             info = self._pending[0]
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if not _wait_published(info, left):
+            if not _wait_published(info, left, self._stop_event):
                 return False
             self._pending.popleft()
         return True
@@ -1353,6 +1510,10 @@ class MQbtTBase:
 
     def _shutdown(self):
         self._stopped = True
+        self._stop_event.set()
+        for info in list(self._waiting):   # a blocking send in another thread raises
+            with info._condition:
+                info._condition.notify_all()
         with self._conn.cond:
             if self._conn.error is None:
                 self._conn.error = MQbtTConnectionError("the client is stopped")
@@ -1377,16 +1538,81 @@ class MQbtTBase:
 _MQTT_ERR_QUEUE_SIZE = 15
 
 
-def _wait_published(info, timeout) -> bool:
+#: whether ``SimpleQueue.get(timeout=...)`` survives signals: on CPython <= 3.12,
+#: interrupted by a signal whose handler returns, it waits again with the time
+#: left, and a negative remainder means "wait for ever"
+_SIGNAL_SAFE_GET = sys.version_info >= (3, 13) or sys.platform == "win32"
+
+#: the asynchronous signals held back while a thread waits on a SimpleQueue
+#: (see :func:`_timed_get`); synchronous ones (SIGSEGV...) are never blocked
+_ASYNC_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGALRM",
+                  "SIGCHLD", "SIGWINCH", "SIGPIPE", "SIGIO", "SIGURG", "SIGPROF", "SIGVTALRM")
+
+
+def _timed_get(q, timeout):
+    """``q.get(True, timeout)`` that can neither miss its deadline nor hang
+    because of a signal, on every supported Python.
+
+    On CPython <= 3.12 a :class:`queue.SimpleQueue` wait interrupted by a
+    signal handler may wait for ever.  There the wait is cut into slices of
+    at most 0.1 s during which the calling thread holds asynchronous signals
+    back (they are delivered as soon as the slice ends, or handled by another
+    thread's C handler meanwhile): a signal costs at most 0.1 s of latency and
+    an arriving message none."""
+    if _SIGNAL_SAFE_GET or not isinstance(q, queue.SimpleQueue):
+        return q.get(True, timeout)
+    try:
+        return q.get_nowait()
+    except Empty:
+        if timeout <= 0:
+            raise
+    import signal
+    sigs = _timed_get.sigs
+    if sigs is None:
+        sigs = _timed_get.sigs = {getattr(signal, n) for n in _ASYNC_SIGNALS if hasattr(signal, n)}
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise Empty
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+        try:
+            return q.get(True, min(left, 0.1))
+        except Empty:
+            pass
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+_timed_get.sigs = None
+
+
+def _put_always(q, item):
+    """Put *item* in *q*, even beyond a full bounded queue's ``maxsize`` (the
+    wake-up of the receivers must never be dropped: a receiver behind a full
+    queue would block for ever once it has drained it)."""
+    if isinstance(q, queue.Queue):
+        with q.mutex:
+            q.queue.append(item)
+            q.unfinished_tasks += 1
+            q.not_empty.notify_all()
+    else:
+        q.put_nowait(item)
+
+
+def _wait_published(info, timeout, stop=None) -> bool:
     """Wait for the broker's acknowledgement of *info*.
 
     Unlike ``MQTTMessageInfo.wait_for_publish`` this does not raise when the
     message was queued while disconnected (paho sends it after reconnecting),
-    and it reports a timeout instead of returning silently."""
+    and it reports a timeout instead of returning silently.  Returns False on
+    timeout, or at once when the :class:`threading.Event` *stop* is set."""
     cond = info._condition
     deadline = None if timeout is None else time.monotonic() + timeout
     with cond:
         while not info._published:
+            if stop is not None and stop.is_set():
+                return False
             if deadline is None:
                 cond.wait(1.0)
             else:
@@ -1443,7 +1669,9 @@ class MQbtTOptimizer(MQbtTBase):
         :param timeout: seconds to wait when blocking (default :attr:`send_timeout`).
         :returns: the :class:`Request` actually sent: *request* itself, or,
           when its ``request_id`` is 0, a copy with a fresh non-zero id.
-        :raises MQbtTSendTimeout: if the broker did not acknowledge in time."""
+        :raises MQbtTSendTimeout: if the broker did not acknowledge in time.
+        :raises MQbtTSendError: if the client is stopped, also by :meth:`stop` in another
+          thread while this send waits (the message may or may not have been delivered)."""
         request, payload = _with_request_id(self, request)
         self._publish("srv", payload, blocking, timeout)
         return request
@@ -1861,6 +2089,36 @@ def _epoch(value, name="timestamp") -> float:
     raise TypeError(f"{name} must be a datetime or seconds since the epoch, not {type(value).__name__}")
 
 
+def _row_time(ts):
+    """The UTC datetime of a stored timestamp, or None when another tool
+    stored something that is not a usable time (text, NULL, 1e300, NaN)."""
+    if ts.__class__ is float:
+        try:
+            return _utc(ts)
+        except (OverflowError, OSError, ValueError):
+            return None
+    if isinstance(ts, bool) or not isinstance(ts, (int, float)):
+        return None
+    try:
+        return _utc(float(ts))
+    except (OverflowError, OSError, ValueError):
+        return None
+
+
+def _row_payload(payload) -> bytes:
+    """The bytes of a stored message: a BLOB as it is, TEXT as UTF-8, a
+    number or NULL (written by another tool) as its text / empty."""
+    if payload.__class__ is bytes:
+        return payload
+    if payload is None:
+        return b""
+    if isinstance(payload, str):
+        return payload.encode("utf-8", "surrogatepass")
+    if isinstance(payload, (bytearray, memoryview)):
+        return bytes(payload)
+    return str(payload).encode()
+
+
 def _try_decode(subtopic, payload):
     try:
         return decode(subtopic, payload)
@@ -1880,7 +2138,8 @@ class MQbtTRecord:
     :param subtopic: The subtopic of the message (``esp``, ``log``, ``shr``, ``srv``).
     :param timestamp: The timestamp of the message recording: a timezone-aware
       UTC datetime (a naive datetime given here is taken as local time, a
-      number as seconds since the epoch).
+      number as seconds since the epoch).  None for a row whose timestamp is
+      not a usable time (text, NULL or out of range, written by another tool).
     :param payload: The raw message payload (bytes, exactly as received).
 
     ``message`` is not a parameter: it is computed from *payload* — the
@@ -1920,7 +2179,7 @@ class MQbtTRecord:
         d = self.__dict__
         if "_ts" in d:
             if name == "timestamp":
-                value = d["timestamp"] = _utc(d["_ts"])
+                value = d["timestamp"] = _row_time(d["_ts"])
                 return value
             if name == "message":
                 value = d["message"] = _try_decode(d["subtopic"], d["payload"])
@@ -1939,10 +2198,77 @@ class MQbtTRecord:
 del MQbtTRecord.id, MQbtTRecord.message
 
 
+def _check_db_path(path) -> str:
+    """*path* as a string if it names a database file, else ValueError: an
+    empty path or ``:memory:`` would make SQLite keep everything in memory
+    (and throw it away on exit)."""
+    path = os.fspath(path)
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    if not path.strip() or path.strip() == ":memory:" or "\x00" in path:
+        raise ValueError(f"invalid database path {path!r}: a file path is required "
+                         "(an empty path or ':memory:' would keep nothing)")
+    return path
+
+
+def _sqlite_open(path: str, create: bool):
+    """``(connection, read_only)`` for the SQLite database *path*.
+
+    A database that exists but cannot be written (read-only file, directory
+    or medium) is opened read-only: ``mode=ro``, or ``immutable=1`` when even
+    that fails (a WAL database whose ``-shm`` file cannot be created).  Else
+    it is opened (created if *create*) in WAL mode with the schema."""
+    import sqlite3
+    from urllib.parse import quote
+    writable = os.access(path, os.W_OK) and os.access(os.path.dirname(os.path.abspath(path)), os.W_OK)
+    if not create and not writable:
+        uri = "file:" + quote(os.path.abspath(path))
+        last = None
+        for mode in ("?mode=ro", "?immutable=1"):
+            try:
+                conn = sqlite3.connect(uri + mode, uri=True, timeout=30.0, isolation_level=None,
+                                       check_same_thread=False)
+            except sqlite3.Error as err:
+                last = err
+                continue
+            try:
+                conn.execute("SELECT count(*) FROM messages WHERE 0").fetchall()
+                return conn, True
+            except sqlite3.Error as err:
+                last = err
+                conn.close()
+        raise MQbtTError(f"cannot read the database {path!r}: {last}")
+    try:
+        conn = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
+    except sqlite3.Error as err:
+        raise MQbtTError(f"cannot open the database {path!r}: {err}") from None
+    try:
+        conn.execute("PRAGMA busy_timeout = 30000")
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if tables and "messages" not in tables:   # another program's database: leave it alone
+            conn.close()
+            raise MQbtTError(f"the database {path!r} is not an mqbtt recording (it has no "
+                             "messages table)")
+        conn.execute("PRAGMA journal_mode = WAL")
+        # FULL: a commit survives a power cut too, because the recorder
+        # acknowledges messages to the broker only after it
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute(_SCHEMA)
+        for sql in _INDICES:
+            conn.execute(sql)
+    except sqlite3.Error as err:
+        conn.close()
+        raise MQbtTError(f"cannot use the database {path!r}: {err}") from None
+    return conn, False
+
+
 class MQbtTDataBase:
     """A SQLite database for MQbtT messages.
 
-    The file is created if needed, with exactly the documented table::
+    The file is created by the first :meth:`insert` if needed (reading a
+    database that does not exist raises :exc:`MQbtTError` "no such
+    database", so a mistyped path never leaves an empty file behind), with
+    exactly the documented table::
 
         TABLE messages (
             id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -1973,17 +2299,21 @@ class MQbtTDataBase:
     :meth:`datetime.datetime.timestamp` (so ``datetime.now()`` works as
     expected); numbers are seconds since the epoch.
 
+    A database that exists but cannot be written (read-only file, directory
+    or medium) is opened read-only (:attr:`read_only`): it can be read, and
+    :meth:`insert` raises :exc:`MQbtTError`.  The path must name a file: an
+    empty path or ``:memory:`` raises ``ValueError``.
+
     Use it as a context manager, or call :meth:`close` when done.  The
     documentation also spells it ``MQbtTDatabase``: both names work.
     """
 
     def __init__(self, path: str, batch_size: int = 100, batch_timeout: float = 10.0):
-        import sqlite3
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, not {batch_size!r}")
         if not isinstance(batch_timeout, (int, float)) or batch_timeout < 0:
             raise ValueError(f"batch_timeout must be a non-negative number, not {batch_timeout!r}")
-        self.path = os.fspath(path)
+        self.path = _check_db_path(path)
         self.batch_size = batch_size
         self.batch_timeout = float(batch_timeout)
         self._lock = threading.RLock()
@@ -1991,6 +2321,13 @@ class MQbtTDataBase:
         self._pending_since = 0.0  # monotonic time of the first of them
         self._timer = None
         self._conn = None
+        self._closed = False
+        #: whether the database could only be opened read-only (read-only media)
+        self.read_only = False
+        if os.path.exists(self.path):
+            self._conn, self.read_only = _sqlite_open(self.path, create=False)
+        # else: created by the first insert, so that a mistyped path given
+        # for reading raises "no such database" instead of making an empty one
         #: ``"sqlite"`` or ``"postgresql"`` (a ``postgresql://`` URL; see _PGConnection)
         self.backend = "sqlite"
         if is_pg_url(self.path):
@@ -2003,24 +2340,10 @@ class MQbtTDataBase:
                 raise
             self._conn, self.backend = conn, "postgresql"
             return
-        try:
-            conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None,
-                                   check_same_thread=False)
-        except sqlite3.Error as err:
-            raise MQbtTError(f"cannot open the database {self.path!r}: {err}") from None
-        try:
-            conn.execute("PRAGMA busy_timeout = 30000")
-            conn.execute("PRAGMA journal_mode = WAL")
-            # FULL: a commit survives a power cut too, because the recorder
-            # acknowledges messages to the broker only after it
-            conn.execute("PRAGMA synchronous = FULL")
-            conn.execute(_SCHEMA)
-            for sql in _INDICES:
-                conn.execute(sql)
-        except sqlite3.Error as err:
-            conn.close()
-            raise MQbtTError(f"cannot use the database {self.path!r}: {err}") from None
-        self._conn = conn
+        if os.path.exists(self.path):
+            self._conn, self.read_only = _sqlite_open(self.path, create=False)
+        # else: created by the first insert, so that a mistyped path given
+        # for reading raises "no such database" instead of making an empty one
 
     # -- writing ----------------------------------------------------------------
     def insert(self, record: MQbtTRecord) -> int:
@@ -2039,13 +2362,18 @@ class MQbtTDataBase:
 
     def _insert(self, ts: float, pair_id: str, subtopic: str, payload: bytes, *, autocommit=True) -> int:
         with self._lock:
-            self._check_open()
+            self._check_writable()
             if self._pending == 0:
                 self._conn.execute("BEGIN")
                 self._pending_since = time.monotonic()
-            cur = self._conn.execute(
-                "INSERT INTO messages (timestamp, pair_id, subtopic, message) VALUES (?, ?, ?, ?)",
-                (ts, pair_id, subtopic, payload))
+            try:
+                cur = self._conn.execute(
+                    "INSERT INTO messages (timestamp, pair_id, subtopic, message) VALUES (?, ?, ?, ?)",
+                    (ts, pair_id, subtopic, payload))
+            except BaseException:
+                if self._pending == 0:   # never leave an empty transaction open
+                    self._rollback()
+                raise
             self._pending += 1
             if autocommit:
                 if (self._pending >= self.batch_size
@@ -2061,17 +2389,24 @@ class MQbtTDataBase:
         """Insert ``(timestamp, pair_id, subtopic, payload)`` rows and commit
         them, with the records inserted before (the recorder's path)."""
         with self._lock:
-            self._check_open()
+            self._check_writable()
+            if not rows:
+                self.commit()
+                return
             if self._pending == 0 and self.backend == "postgresql":
                 self._conn.insert_rows(rows)   # one statement: one round trip, atomic
                 return
             if self._pending == 0:
                 self._conn.execute("BEGIN")
-            self._conn.executemany(
-                "INSERT INTO messages (timestamp, pair_id, subtopic, message) VALUES (?, ?, ?, ?)",
-                rows)
-            self._pending += len(rows)
-            self.commit()
+            try:
+                self._conn.executemany(
+                    "INSERT INTO messages (timestamp, pair_id, subtopic, message) VALUES (?, ?, ?, ?)",
+                    rows)
+                self._pending += len(rows)
+                self.commit()
+            except BaseException:
+                self._rollback()   # nothing of it is acknowledged: the broker resends it
+                raise
 
     def _timed_commit(self):
         with self._lock:
@@ -2088,7 +2423,7 @@ class MQbtTDataBase:
         with self._lock:
             self._check_open()
             n = self._pending
-            if n:
+            if n or self._conn.in_transaction:
                 self._conn.execute("COMMIT")
                 self._pending = 0
             if self._timer is not None:
@@ -2167,8 +2502,8 @@ class MQbtTDataBase:
                     return
                 from_row = MQbtTRecord._from_row
                 for rid, ts, pid, sub, payload in rows:
-                    if payload.__class__ is not bytes:  # a row written as TEXT by another tool
-                        payload = payload.encode("utf-8") if isinstance(payload, str) else bytes(payload or b"")
+                    if payload.__class__ is not bytes:  # a row written by another tool
+                        payload = _row_payload(payload)
                     yield from_row(rid, ts, pid, sub, payload)
         finally:
             try:
@@ -2272,19 +2607,43 @@ class MQbtTDataBase:
     # -- life cycle -------------------------------------------------------------
     def _check_open(self):
         if self._conn is None:
-            raise MQbtTError(f"the database {self.path!r} is closed")
+            if self._closed:
+                raise MQbtTError(f"the database {self.path!r} is closed")
+            if not os.path.exists(self.path):
+                raise MQbtTError(f"no such database: {self.path}")
+            # created since (e.g. by a recorder started later)
+            self._conn, self.read_only = _sqlite_open(self.path, create=False)
+
+    def _check_writable(self):
+        """Create the database on the first write; refuse one opened read-only."""
+        if self._conn is None and not self._closed and not os.path.exists(self.path):
+            self._conn, self.read_only = _sqlite_open(self.path, create=True)
+        self._check_open()
+        if self.read_only:
+            raise MQbtTError(f"the database {self.path!r} is read-only (read-only file, "
+                             "directory or medium)")
+
+    def _rollback(self):
+        self._pending = 0
+        try:
+            if self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
+        except Exception as err:  # pragma: no cover - the connection is unusable anyway
+            log.error("cannot roll back %s: %s", self.path, err)
 
     def close(self):
         """Close the database connection (committing pending records first).
         Calling it twice is harmless."""
         with self._lock:
             if self._conn is None:
+                self._closed = True
                 return
             try:
                 self.commit()
             finally:
                 self._conn.close()
                 self._conn = None
+                self._closed = True
 
     def __enter__(self):
         return self
@@ -2293,7 +2652,7 @@ class MQbtTDataBase:
         self.close()
 
     def __repr__(self):
-        return f"<MQbtTDataBase {self.path!r}{'' if self._conn else ' closed'}>"
+        return f"<MQbtTDataBase {self.path!r}{' closed' if self._closed else ''}>"
 
 
 #: the spelling used in part of the documentation
@@ -2316,7 +2675,8 @@ def request_reply_pairs(records):
     once 10000 later requests with ids are waiting.
 
     :returns: a generator of ``(request_record, reply_record, latency_seconds)``,
-      with ``reply_record`` and ``latency_seconds`` None for unanswered requests.
+      with ``reply_record`` and ``latency_seconds`` None for unanswered requests
+      (``latency_seconds`` also None when a record has no usable timestamp).
     """
     pairing = _Pairing()
     for r in records:
@@ -2326,7 +2686,8 @@ def request_reply_pairs(records):
         elif r.subtopic == "esp":
             req = pairing.reply(_request_id_of(r.message))
             if req is not None:
-                yield req, r, (r.timestamp - req.timestamp).total_seconds()
+                t0, t1 = req.timestamp, r.timestamp   # None: a row without a usable time
+                yield req, r, (None if t0 is None or t1 is None else (t1 - t0).total_seconds())
     for old in pairing.rest():
         yield old, None, None
 
@@ -2373,6 +2734,107 @@ def recorder_client_id(broker_uri: str, db_path: str, pair_ids=(), share: str | 
         key += f"|$share/{share}"
     # surrogateescape: a Linux file name need not be UTF-8
     return "mqbtt-rec-" + hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
+def _recorded_topic(t):
+    """``(pair_id, subtopic)`` of a topic the recorder received (``str`` or
+    the raw ``bytes``), or None when the schema cannot take it (not UTF-8).
+
+    Anything matching ``mqbtt/+/<subtopic>`` is kept as it is, including an
+    empty pair id (``mqbtt//log``) or one with odd characters."""
+    if t.__class__ is not str:
+        try:
+            t = bytes(t).decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    parts = t.split("/")
+    if len(parts) != 3 or parts[0] != "mqbtt" or parts[2] not in SUBTOPICS:
+        return None
+    return parts[1], parts[2]
+
+
+class _RecorderClaim:
+    """The lock of one recorder (see :func:`_claim_recorder`)."""
+
+    def __init__(self, path, fd):
+        self.path, self.fd = path, fd
+
+    def release(self):
+        if self.fd is None:
+            return
+        try:
+            os.unlink(self.path)   # still locked: a newcomer sees a new inode and retries
+        except OSError:
+            pass
+        os.close(self.fd)
+        self.fd = None
+
+
+def _claim_recorder(db_path: str, client_id: str) -> _RecorderClaim:
+    """Make sure no other recorder with *client_id* records into *db_path*.
+
+    One recorder per (database, client id): two would share the client id
+    and knock each other off the broker.  The claim is an exclusive
+    ``flock`` on ``<db>.rec-<hash of client id>.lock`` holding the owner's
+    pid, host and start time; the kernel drops it when the process dies, so
+    a stale file never blocks a restart.  Raises :exc:`MQbtTError` naming the
+    owner (one line)."""
+    import hashlib
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: no check
+        return _RecorderClaim(None, None)
+    digest = hashlib.sha256(client_id.encode("utf-8", "surrogateescape")).hexdigest()[:12]
+    path = f"{db_path}.rec-{digest}.lock"
+    for _ in range(20):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        except OSError as err:
+            raise MQbtTError(f"cannot record into {db_path!r}: {err.strerror} (creating "
+                             f"the lock file {path})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            try:
+                owner = os.read(fd, 512).decode("utf-8", "replace").strip() or "a process"
+            finally:
+                os.close(fd)
+            raise MQbtTError(f"another recorder already records into {db_path} with client id "
+                             f"{client_id}: {owner} (lock file {path})") from None
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except OSError:
+            same = False
+        if not same:   # removed by the previous owner meanwhile: lock the new file
+            os.close(fd)
+            continue
+        import socket
+        os.ftruncate(fd, 0)
+        os.write(fd, (f"pid {os.getpid()} on {socket.gethostname()} since "
+                      f"{_utc(time.time()):%Y-%m-%d %H:%M:%S} UTC").encode())
+        return _RecorderClaim(path, fd)
+    raise MQbtTError(f"cannot lock {path!r}: it keeps being replaced")  # pragma: no cover
+
+
+def _remove_empty_db(path: str) -> None:
+    """Remove *path* (and its -wal/-shm files) if it holds no message: a
+    record that failed to start leaves nothing behind."""
+    import sqlite3
+    from urllib.parse import quote
+    try:
+        conn = sqlite3.connect(f"file:{quote(os.path.abspath(path))}?mode=ro", uri=True)
+        try:
+            empty = conn.execute("SELECT count(*) FROM messages").fetchone()[0] == 0
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return
+    if empty:
+        for suffix in ("", "-wal", "-shm"):
+            try:
+                os.unlink(path + suffix)
+            except OSError:
+                pass
 
 
 class Recorder:
@@ -2429,7 +2891,7 @@ class Recorder:
             raise ValueError(f"window must be a positive integer, not {window!r}")
         self.pair_ids = _record_pair_ids(pair_ids)
         self.duration = _positive_seconds(duration, "duration")
-        self.db_path = os.fspath(db_path)
+        self.db_path = _check_db_path(db_path)
         self.client_id = client_id or recorder_client_id(str(self.broker), self.db_path,
                                                          self.pair_ids or (), self.share)
         self.batch_size = batch_size
@@ -2443,13 +2905,18 @@ class Recorder:
         self.counts = {s: 0 for s in self.subtopics}
         #: number of commits so far
         self.commits = 0
+        #: messages received but not storable (a topic that is not UTF-8 text),
+        #: acknowledged and counted here
+        self.skipped = 0
         self._queue = queue.SimpleQueue()
         self._stopping = False
+        self._recording = False
         self._conn = None
+        self._claim = None
         self._db = MQbtTDataBase(self.db_path, batch_size, batch_timeout)
         self.db_path = self._db.path   # a PostgreSQL URL without its password
         if self._db.backend == "postgresql":
-            _claim_recorder(self._db, self.client_id)
+            _claim_pg_recorder(self._db, self.client_id)
         #: messages the database held when the recorder started
         self.db_total_before = self._db.count()
 
@@ -2467,12 +2934,20 @@ class Recorder:
         # network thread: enqueue only (never raises, never blocks)
         if self._stopping:
             return  # left unacknowledged: the broker keeps it for the next run
-        self._queue.put((self._conn.generation, msg.mid, msg.qos, msg.topic, msg.payload, time.time()))
+        # the topic's raw bytes: paho's msg.topic raises on bytes that are not UTF-8
+        t = getattr(msg, "_topic", None)
+        self._queue.put((self._conn.generation, msg.mid, msg.qos,
+                         msg.topic if t is None else t, msg.payload, time.time()))
 
     def stop(self):
         """Ask :meth:`run` to commit what it received and return (safe from a
-        signal handler or another thread)."""
+        signal handler or another thread; also ends a connection attempt)."""
         self._stopping = True
+        # wakes run() at once: SimpleQueue.get(timeout) interrupted by a signal
+        # may otherwise wait for ever on CPython <= 3.12 (negative time left)
+        self._queue.put(None)
+        if self._conn is not None:
+            self._conn.abort()
 
     def run(self):
         """Connect, record until :meth:`stop` is called, commit, disconnect.
@@ -2484,21 +2959,44 @@ class Recorder:
           uncommitted is acknowledged, so the broker keeps it)."""
         subs = [(self._prefix + topic(p, s), min(SUBTOPICS[s], 1)) for p in (self.pair_ids or ["+"])
                 for s in self.subtopics]
-        self._conn = _Connection(self.broker, self.client_id, False, subs, self._on_message,
-                                 self.keepalive, notify=self._say, manual_ack=True,
-                                 on_fatal=lambda err: self.stop())
+        pg = self._db.backend == "postgresql"   # claimed per client id in the database
+        self._claim = None if pg else _claim_recorder(self.db_path, self.client_id)
+        created = not pg and not os.path.exists(self.db_path)
         try:
-            self._conn.start(self.connect_timeout)
+            try:
+                self._conn = _Connection(self.broker, self.client_id, False, subs,
+                                         self._on_message, self.keepalive, notify=self._say,
+                                         manual_ack=True, on_fatal=lambda err: self.stop())
+                if self._stopping:
+                    self._conn.abort()
+                self._conn.start(self.connect_timeout)
+                self._db._check_writable()   # creates the file: only once connected
+            except BaseException as err:
+                if self._conn is not None:
+                    self._conn.stop()
+                self._close_db()
+                if created:
+                    _remove_empty_db(self.db_path)
+                if self._conn is not None and self._conn.aborted \
+                        and isinstance(err, MQbtTConnectionError):
+                    self._say("stopped while connecting: nothing recorded", line=True)
+                    return 0   # stop() called while connecting
+                raise
+            self._recording = True
             self._say(f"recording {', '.join(t for t, _ in subs)} "
                       f"from {self.broker} into {self.db_path} (client id {self.client_id})",
                       line=True)
-            self._loop()
-        except BaseException:
+            try:
+                self._loop()
+            except BaseException:
+                self._conn.stop()
+                self._close_db()
+                raise
             self._conn.stop()
             self._close_db()
-            raise
-        self._conn.stop()
-        self._close_db()
+        finally:
+            if self._claim is not None:
+                self._claim.release()
         if self._conn.error is not None:   # credentials refused on a reconnect: stored, then fail
             raise self._conn.error
         self._say(f"stopped: {self.total} messages recorded ({self._per_subtopic()}), "
@@ -2522,7 +3020,7 @@ class Recorder:
                 self._stopping = True   # as stop(): what arrives now stays unacknowledged
                 break
             try:
-                first = self._queue.get(timeout=0.2)
+                first = _timed_get(self._queue, 0.2)   # stop() also puts None to wake it
             except Empty:
                 first = None
             if first is not None:
@@ -2541,7 +3039,8 @@ class Recorder:
                 item = self._queue.get_nowait()
             except Empty:
                 break
-            self._store(item)
+            if item is not None:
+                self._store(item)
         if tty:
             self.status.write("\n")
 
@@ -2559,6 +3058,8 @@ class Recorder:
                 item = self._queue.get_nowait()
             except Empty:
                 break  # the stream paused
+            if item is None:   # stop()'s wake-up
+                continue
             batch.append(item)
             if item[2] > 0:
                 unacked += 1
@@ -2567,8 +3068,10 @@ class Recorder:
         stored = []
         rows = []
         for gen, mid, qos, t, payload, ts in batch:
-            where = _parse_topic(t)
-            if where is not None and where[1] in self.counts and (
+            where = _recorded_topic(t)
+            if where is None:
+                self.skipped += 1   # the schema cannot take it: acknowledged, counted, shown
+            elif where[1] in self.counts and (   # else: excluded now, subscribed by an old run
                     self.pair_ids is None or where[0] in self.pair_ids):
                 rows.append((ts, where[0], where[1], payload))
                 stored.append(where[1])
@@ -2592,7 +3095,8 @@ class Recorder:
         return "" if self.share is None else f"$share/{self.share}/"
 
     def _per_subtopic(self):
-        return " ".join(f"{s}={n}" for s, n in self.counts.items())
+        text = " ".join(f"{s}={n}" for s, n in self.counts.items())
+        return text + (f", {self.skipped} skipped (topic not UTF-8)" if self.skipped else "")
 
     def _say(self, text, line=True):
         if not self.status:
@@ -2616,9 +3120,15 @@ def record(broker_uri: str, db_path: str, exclude=(), client_id: str | None = No
     import signal
     rec = Recorder(broker_uri, db_path, exclude, client_id, **kwargs)
     old = {}
+
+    def on_signal(signum, frame):
+        rec.stop()
+        if not rec._recording:   # still connecting: give up at once
+            raise KeyboardInterrupt
+
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
-            old[sig] = signal.signal(sig, lambda signum, frame: rec.stop())
+            old[sig] = signal.signal(sig, on_signal)
     try:
         return rec.run()
     finally:
@@ -2751,7 +3261,7 @@ def dump(broker_uri: str, pair_id: str, mode: str, out=None, as_json: bool = Fal
             if wait <= 0:
                 break
             try:
-                ts, t, payload = q.get(timeout=wait)
+                ts, t, payload = _timed_get(q, wait)
             except Empty:
                 continue
             where = _parse_topic(t)
@@ -2801,20 +3311,26 @@ def replay(db_path: str, broker_uri: str, pair_id: str, to_pid: str | None = Non
     handler or another thread): it returns at once with the number published
     so far, without waiting for outstanding acknowledgements.
     """
-    if not isinstance(speed, (int, float)) or speed < 0:
-        raise ValueError(f"speed must be a non-negative number, not {speed!r}")
+    _check_speed(speed)
     check_pair_id(pair_id)
     to_pid = check_pair_id(to_pid or pair_id)
+    db_path = _check_db_path(db_path)
     plan = replay_plan(db_path, pair_id, min_timestamp, max_timestamp)
     total, t_last = plan["messages"], plan["last_timestamp"]
     if max_timestamp is None:   # what was counted, even if a recorder adds more meanwhile
         max_timestamp = t_last
-    broker = BrokerURI.parse(broker_uri if broker_uri is not None else default_broker())
-    conn = _Connection(broker, f"mqbtt-replay-{os.urandom(6).hex()}", True, [], None, keepalive)
-    conn.start(connect_timeout)
+    # opened before connecting: a file that is not a database is reported first
+    db = MQbtTDataBase(db_path)
+    try:
+        broker = BrokerURI.parse(broker_uri if broker_uri is not None else default_broker())
+        conn = _Connection(broker, f"mqbtt-replay-{os.urandom(6).hex()}", True, [], None, keepalive)
+        conn.start(connect_timeout)
+    except BaseException:
+        db.close()
+        raise
     if connected is not None:
         connected()
-    n = 0
+    n = skipped = 0
     pending = deque()
 
     def wait(info):
@@ -2827,23 +3343,31 @@ def replay(db_path: str, broker_uri: str, pair_id: str, to_pid: str | None = Non
                                        f"message within {send_timeout:g} s")
 
     try:
-        with MQbtTDataBase(db_path) as db:
+        with db:
             t0 = m0 = None
             for rec in db.records(pair_id=pair_id, min_timestamp=min_timestamp,
                                   max_timestamp=max_timestamp):
-                ts = rec.timestamp.timestamp()
-                if t0 is None:
+                qos = SUBTOPICS.get(rec.subtopic)
+                if qos is None or not isinstance(rec.payload, bytes):
+                    skipped += 1    # a row written by another tool: not replayable
+                    continue
+                when = rec.timestamp    # None: not a usable time, sent without a pause
+                ts = None if when is None else when.timestamp()
+                if ts is None:
+                    pass
+                elif t0 is None:
                     t0, m0 = ts, time.monotonic()
                 elif speed > 0:
                     delay = m0 + (ts - t0) / speed - time.monotonic()
-                    if delay > 0:
+                    while delay > 0:
                         if stop is not None:
-                            stop.wait(delay)
+                            if stop.wait(min(delay, _MAX_SLEEP)):
+                                break
                         else:
-                            time.sleep(delay)
+                            time.sleep(min(delay, _MAX_SLEEP))
+                        delay = m0 + (ts - t0) / speed - time.monotonic()
                 if stop is not None and stop.is_set():
                     break
-                qos = SUBTOPICS[rec.subtopic]
                 if len(pending) >= MQbtTBase.max_pending:   # paho's ids are 16-bit
                     wait(pending.popleft())
                 info = conn.client.publish(topic(to_pid, rec.subtopic), rec.payload, qos)
@@ -2869,7 +3393,26 @@ def replay(db_path: str, broker_uri: str, pair_id: str, to_pid: str | None = Non
             wait(pending.popleft())
     finally:
         conn.stop()
+    if skipped:
+        log.warning("replay: %d row(s) of %s skipped (unknown subtopic, written by another tool)",
+                    skipped, db_path)
     return n
+
+
+#: the slowest ``replay`` speed (a smaller one would turn a one-second gap
+#: into more than a quarter of an hour)
+MIN_SPEED = 1e-3
+#: the longest single sleep of replay (the rest of a gap is slept in more calls)
+_MAX_SLEEP = 86400.0
+
+
+def _check_speed(speed):
+    """ValueError/TypeError unless *speed* is 0 or a finite number >= :data:`MIN_SPEED`."""
+    if isinstance(speed, bool) or not isinstance(speed, (int, float)):
+        raise TypeError(f"speed must be a number, not {type(speed).__name__}")
+    if not (speed == 0 or MIN_SPEED <= speed < float("inf")):
+        raise ValueError(f"speed must be 0 (as fast as possible) or a finite number >= "
+                         f"{MIN_SPEED:g}, not {speed!r}")
 
 
 ###############################################################################
@@ -3684,7 +4227,7 @@ def check_share_group(group) -> str:
     return group
 
 
-def _claim_recorder(db, client_id: str) -> None:
+def _claim_pg_recorder(db, client_id: str) -> None:
     """One recorder per client id on a PostgreSQL database: hold an advisory
     lock named after the client id for the recorder's life (released by the
     server when its connection ends, also after a kill)."""
@@ -5992,7 +6535,7 @@ def _cmd_echo(argv):
     _add_broker(p)
     p.add_argument("--pid", metavar="TEXT", type=_pid_arg, help="Pair identifier")
     p.add_argument("pair_id", nargs="?", type=_pid_arg, help="Pair identifier (same as --pid)")
-    p.add_argument("--count", type=int, metavar="N", help="exit after answering N requests")
+    p.add_argument("--count", type=_count_arg, metavar="N", help="exit after answering N requests")
     a = p.parse_args(argv)
     pid = a.pid or a.pair_id
     if not pid:
@@ -6013,13 +6556,11 @@ def _cmd_dump(argv):
                         "(replies with their round-trip time, and shares), all (the four "
                         "subtopics); default: optimizer")
     p.add_argument("--json", action="store_true", help="print one JSON object per line")
-    p.add_argument("--count", type=int, metavar="N", help="exit after N messages")
+    p.add_argument("--count", type=_count_arg, metavar="N", help="exit after N messages")
     p.add_argument("--duration", metavar="SECONDS", type=_seconds,
                    help="exit after SECONDS (like mosquitto_sub -W; exit status 27 if "
                         "--count was given and not reached)")
     a = p.parse_args(argv)
-    if a.count is not None and a.count < 1:
-        p.error("--count must be positive")
     what = ", ".join(topic(a.pid, s) for s in DUMP_MODES[a.mode])
 
     def ready():
@@ -6038,7 +6579,7 @@ def _cmd_dump(argv):
 def _cmd_record(argv):
     p = _parser("record")
     _add_broker(p)
-    p.add_argument("--db", metavar="PATH", required=True,
+    p.add_argument("--db", metavar="PATH", required=True, type=_db_arg,
                    help="Path to the record database. [required]")
     p.add_argument("--exclude", metavar="TEXT", default="",
                    help="Comma separated list of subtopics to exclude (in: esp, log, shr, srv).")
@@ -6069,17 +6610,16 @@ def _cmd_record(argv):
 def _cmd_replay(argv):
     p = _parser("replay")
     _add_broker(p)
-    p.add_argument("--db", metavar="PATH", required=True, help="the record database [required]")
+    p.add_argument("--db", metavar="PATH", required=True, type=_db_arg,
+                   help="the record database [required]")
     p.add_argument("--pid", metavar="TEXT", required=True, type=_pid_arg,
                    help="the recorded pair id [required]")
     p.add_argument("--to-pid", metavar="TEXT", type=_pid_arg,
                    help="publish as this pair id (default: --pid)")
-    p.add_argument("--speed", metavar="X", type=float, default=1.0,
+    p.add_argument("--speed", metavar="X", type=_speed_arg, default=1.0,
                    help="divide the recorded gaps by X (default 1; 0: as fast as possible)")
     _add_time_window(p)
     a = p.parse_args(argv)
-    if not a.speed >= 0 or a.speed == float("inf"):
-        p.error("--speed must be a non-negative number")
     _check_time_window(p, a)
     to = a.to_pid or a.pid
     return _replay_cli(a, to)
@@ -6252,12 +6792,6 @@ def _share_arg(text):
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
-def _db_arg(text):
-    """argparse type: a database path or PostgreSQL URL (not empty)."""
-    import argparse
-    if not text.strip():
-        raise argparse.ArgumentTypeError("the database must be a file path or a postgresql:// URL")
-    return text
 
 
 def _cmd_copy(argv):
@@ -6286,15 +6820,58 @@ def _cmd_copy(argv):
 
 
 def _seconds(text):
-    """argparse type: a positive number of seconds."""
+    """argparse type: a positive number of seconds (at most :data:`MAX_SECONDS`)."""
     import argparse
     try:
         value = float(text)
     except ValueError:
         value = float("nan")
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    if not 0.001 <= value <= MAX_SECONDS:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds from 0.001 to "
+                                         f"{MAX_SECONDS:.0f}, got {text!r}")
     return value
+
+
+#: the longest duration a command-line option accepts (a year): more is
+#: surely a typo, and overflows the system's timers
+MAX_SECONDS = 366 * 86400.0
+
+
+def _count_arg(text):
+    """argparse type: a positive integer (``--count``)."""
+    import argparse
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _speed_arg(text):
+    """argparse type: a replay speed (0, or a finite number >= MIN_SPEED)."""
+    import argparse
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    try:
+        _check_speed(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 0 (as fast as possible) or a number from "
+                                         f"{MIN_SPEED:g}, got {text!r}") from None
+    return value
+
+
+def _db_arg(text):
+    """argparse type: a database file path (not empty, not ``:memory:``) or a
+    ``postgresql://`` URL."""
+    import argparse
+    try:
+        return _check_db_path(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _cmd_restart(argv):
@@ -6408,18 +6985,6 @@ def _cmd_run(argv):
 def _fleet_pid_arg(text):
     """argparse type: a pair id, or ``+`` for every pair."""
     return text if text == "+" else _pid_arg(text)
-
-
-def _count_arg(text):
-    """argparse type: a positive integer."""
-    import argparse
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def _add_fleet_args(p):
@@ -6573,6 +7138,8 @@ def main(argv: list | None = None, prog: str | None = None) -> int:
             print(f"mqbtt: error: unknown command {cmd!r}", file=sys.stderr)
             return 2
     _cli_logging(cmd)
+    # "run": the user's script owns its signals
+    restore = _sigterm_interrupts() if cmd != "run" else (lambda: None)
     try:
         return _HANDLERS[cmd](list(argv)) or 0
     except SystemExit as e:  # argparse: --help, --version, usage errors
@@ -6594,6 +7161,26 @@ def main(argv: list | None = None, prog: str | None = None) -> int:
             raise
         print(f"mqbtt {cmd}: error: {_missing_dependency(key)}", file=sys.stderr)
         return 1
+    finally:
+        restore()
+
+
+def _sigterm_interrupts():
+    """Make SIGTERM end a command as Ctrl-C does (``KeyboardInterrupt``, so
+    every blocking call is interrupted and cleanup runs); return a function
+    restoring the previous handler.  ``record`` installs its own handlers."""
+    import signal
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        old = signal.signal(signal.SIGTERM, interrupt)
+    except (ValueError, OSError):  # pragma: no cover
+        return lambda: None
+    return lambda: signal.signal(signal.SIGTERM, old)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from mqbtt import MQbtTDataBase, safe_text  # noqa: E402
+from mqbtt import MQbtTDataBase, MQbtTError, safe_text  # noqa: E402
 
 
 def main(argv):
@@ -20,8 +20,17 @@ def main(argv):
     if not os.path.exists(path):
         print(f"db2logs: no such database: {path}", file=sys.stderr)
         return 1
-    with MQbtTDataBase(path) as db:
-        for record in db.logs(pair_id=pair_id):
+    try:
+        db = MQbtTDataBase(path)
+        records = db.logs(pair_id=pair_id)
+    except (MQbtTError, ValueError) as err:  # not a database, unreadable, ...
+        print(f"db2logs: {err}", file=sys.stderr)
+        return 1
+    with db:
+        for record in records:
+            if record.timestamp is None:  # a row written by another tool without a usable time
+                print(f"{'(no time)':<24} {safe_text(record.message or '')}")
+                continue
             when = record.timestamp.astimezone()  # local time
             # a log line is the miner's text: no terminal escapes or line breaks
             print(f"{when:%Y-%m-%d %H:%M:%S%z} {safe_text(record.message or '')}")
