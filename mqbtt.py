@@ -2324,10 +2324,6 @@ class MQbtTDataBase:
         self._closed = False
         #: whether the database could only be opened read-only (read-only media)
         self.read_only = False
-        if os.path.exists(self.path):
-            self._conn, self.read_only = _sqlite_open(self.path, create=False)
-        # else: created by the first insert, so that a mistyped path given
-        # for reading raises "no such database" instead of making an empty one
         #: ``"sqlite"`` or ``"postgresql"`` (a ``postgresql://`` URL; see _PGConnection)
         self.backend = "sqlite"
         if is_pg_url(self.path):
@@ -2917,8 +2913,10 @@ class Recorder:
         self.db_path = self._db.path   # a PostgreSQL URL without its password
         if self._db.backend == "postgresql":
             _claim_pg_recorder(self._db, self.client_id)
-        #: messages the database held when the recorder started
-        self.db_total_before = self._db.count()
+        #: messages the database held when the recorder started (0: it is created
+        #: by the first commit)
+        self.db_total_before = (self._db.count() if self._db.backend == "postgresql"
+                                or os.path.exists(self.db_path) else 0)
 
     @property
     def total(self) -> int:
@@ -4087,6 +4085,11 @@ class _PGConnection:
         return MQbtTError(f"cannot {what} the database {self.display}: {_pg_message(err, self._secret)}")
 
     # -- the sqlite3.Connection surface ------------------------------------------
+    @property
+    def in_transaction(self) -> bool:
+        """As sqlite3's: whether a ``BEGIN`` is open (libpq's status is not IDLE)."""
+        return self._pg.info.transaction_status != 0
+
     def execute(self, sql, params=()):
         q = _pg_sql(sql)
         # sqlite3's lastrowid of an INSERT into messages: RETURNING id
@@ -4303,6 +4306,8 @@ def copy(src: str, dst: str, *, chunk: int = 50000, progress=None) -> tuple:
         raise MQbtTError(f"{_redact_db(src)} and {_redact_db(dst)} are the same database")
     import sqlite3
     with MQbtTDataBase(src) as s, MQbtTDataBase(dst) as d:
+        s._check_open()
+        d._check_writable()   # a SQLite destination is created here
         key, first_id = _source_key(s)
         if key is None:
             return 0, 0
