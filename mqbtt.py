@@ -4508,6 +4508,8 @@ def _top_plain(stats, stop, out, interval, sort):
             time.sleep(min(left, 0.2))
             continue
         next_at += interval
+        if next_at <= time.monotonic():     # after a stall (Ctrl-Z, SIGSTOP): no burst of tables
+            next_at = time.monotonic() + interval
         now = time.time()
         pairs = sort_fleet(stats.pairs(now), sort)
         lines = [_fleet_title(stats, len(pairs), now)] + [line for line, _ in format_fleet_table(pairs)]
