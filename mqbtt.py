@@ -4397,7 +4397,9 @@ def _fleet_title(stats: FleetStats, n: int, now: float) -> str:
     if not stats.connected and stats.quiet and stats.last_event:
         state += ": " + safe_text(stats.last_event).replace("\t", " ")
     extra = f", {stats.dropped_pairs} dropped (more than {stats.max_pairs})" if stats.dropped_pairs else ""
-    return f"mqbtt top  {when}  {stats.broker} ({state})  {n} pair{'s' * (n != 1)}{extra}"
+    # safe_text: a broker URI's path or user name may hold control characters (kept visible)
+    return safe_text(f"mqbtt top  {when}  {stats.broker} ({state})  {n} pair{'s' * (n != 1)}{extra}",
+                     strip_ansi=False)
 
 
 def _stop_signals(stop: threading.Event):
@@ -5020,8 +5022,9 @@ def _cmd_top(argv):
 
     def ready(stats):
         if not _full_screen_ok(sys.stdout):
-            print(f"mqbtt top: watching {', '.join(t for t, _ in stats.subscriptions)} on "
-                  f"{stats.broker}, a table every {a.interval:g} s (Ctrl-C to stop)",
+            print(safe_text(f"mqbtt top: watching {', '.join(t for t, _ in stats.subscriptions)} "
+                            f"on {stats.broker}, a table every {a.interval:g} s (Ctrl-C to stop)",
+                            strip_ansi=False),
                   file=sys.stderr, flush=True)
 
     run_top(a.broker, a.pid, interval=a.interval, stale=a.stale, max_pairs=a.max_pairs,
@@ -5053,9 +5056,9 @@ def _cmd_exporter(argv):
 
     def ready(stats, host, port):
         shown = f"[{host}]" if ":" in host else host
-        print(f"mqbtt exporter: serving http://{shown}:{port}/metrics for "
-              f"{', '.join(t for t, _ in stats.subscriptions)} on {stats.broker} "
-              "(Ctrl-C to stop)", file=sys.stderr, flush=True)
+        print(safe_text(f"mqbtt exporter: serving http://{shown}:{port}/metrics for "
+                        f"{', '.join(t for t, _ in stats.subscriptions)} on {stats.broker} "
+                        "(Ctrl-C to stop)", strip_ansi=False), file=sys.stderr, flush=True)
 
     run_exporter(a.broker, a.listen, a.pid, max_pairs=a.max_pairs, forget_after=a.forget,
                  ready=ready)

@@ -389,3 +389,39 @@ def test_exporter_hostile_pair_ids_through_prometheus(broker, tmp_path):
         if exp.poll() is None:
             exp.kill()
             exp.wait()
+
+
+def test_top_and_exporter_print_a_hostile_broker_uri_escaped():
+    """A websocket path with a window-title sequence (from $MQBTT_BROKER, a config
+    file, a pasted URI): the lines top and the exporter print show it escaped; before
+    the fix the raw OSC reached the terminal (retitling it)."""
+    from local_broker import LocalBroker, free_port
+    ws_port = free_port()
+    b = LocalBroker(listeners=f"listener {ws_port} 127.0.0.1\nprotocol websockets\n").start()
+    procs = []
+    try:
+        uri = f"ws://127.0.0.1:{ws_port}/mq\x1b]0;pwned\x07tt"
+        shown = f"ws://127.0.0.1:{ws_port}/mq\\x1b]0;pwned\\x07tt"
+        top = subprocess.Popen([sys.executable, MQBTT, "top", "--broker", uri, "--interval", "0.3"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        exp = subprocess.Popen([sys.executable, MQBTT, "exporter", "--broker", uri, "--listen",
+                                "127.0.0.1:0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, cwd=ROOT)
+        procs += [top, exp]
+        ready = top.stderr.readline()
+        assert ready.startswith(f"mqbtt top: watching mqbtt/+/+ on {shown}, a table"), repr(ready)
+        title = top.stdout.readline()
+        assert title.startswith("mqbtt top  ") and f"  {shown} (connected)  0 pairs" in title, title
+        ready = exp.stderr.readline()
+        assert re.match(r"mqbtt exporter: serving http://127\.0\.0\.1:\d+/metrics for mqbtt/\+/\+ on "
+                        + re.escape(shown) + r" \(Ctrl-C", ready), repr(ready)
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+            out, err = p.communicate(timeout=15)
+            assert p.returncode == 0 and "\x1b" not in out + err and "\x07" not in out + err
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        b.cleanup()
