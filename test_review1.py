@@ -425,3 +425,28 @@ def test_top_and_exporter_print_a_hostile_broker_uri_escaped():
                 p.kill()
                 p.wait()
         b.cleanup()
+
+
+def test_top_survives_tiny_and_resized_windows(broker, tmux):
+    """Windows of 1×1, 2×2, 5×3 and 12×4 cells, wide characters cut at the edge: top
+    keeps running, and redraws the full table once the window is large again."""
+    tmux.run(["top", "--broker", broker.uri])
+    tmux.wait_screen(lambda s: "(connected)" in s, what="top connected")
+    with MQbtTMiner(broker.uri, "ワイド", client_id="gen-wide", clean_session=True) as m:
+        m.send_log("ログ" * 100)
+    tmux.wait_screen(lambda s: re.search(r"^ワイド ", s, re.M), what="the wide pair's row")
+    for w, h in ((1, 1), (2, 2), (5, 3), (12, 4), (151, 12)):
+        assert tmux.tmux("resize-window", "-t", "t", "-x", str(w), "-y", str(h)).returncode == 0
+        if w > 100:
+            screen = tmux.wait_screen(lambda s: re.search(r"^ワイド .*ログログ", s, re.M) and "q quit" in s,
+                                      what="the table redrawn at full size")
+        else:
+            # the title cut to the width (1 row: only the footer, cut to nothing)
+            want = "" if h == 1 else "mqbtt top"[:min(w - 1, 9)]
+            screen = tmux.wait_screen(lambda s: s.splitlines()[0].startswith(want) if s.strip()
+                                      else want == "", what=f"a {w}x{h} screen")
+        assert not tmux.exit_file.exists(), screen
+    row = next(x for x in screen.splitlines() if x.startswith("ワイド "))
+    assert row.rstrip().endswith("…") and mqbtt._cells(row.rstrip()) <= 151
+    tmux.tmux("send-keys", "-t", "t", "q")
+    assert tmux.exit_status() == 0
