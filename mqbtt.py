@@ -4515,7 +4515,13 @@ def _top_plain(stats, stop, out, interval, sort):
         now = time.time()
         pairs = sort_fleet(stats.pairs(now), sort)
         lines = [_fleet_title(stats, len(pairs), now)] + [line for line, _ in format_fleet_table(pairs)]
-        print("\n".join(lines) + "\n", file=out, flush=True)
+        text = "\n".join(lines) + "\n"
+        encoding = getattr(out, "encoding", None)
+        if encoding and not encoding.lower().replace("-", "").startswith("utf"):
+            # a pair id or log line the output cannot encode (PYTHONIOENCODING=ascii,
+            # a latin-1 locale) is shown escaped instead of stopping top
+            text = text.encode(encoding, "backslashreplace").decode(encoding)
+        print(text, file=out, flush=True)
 
 
 def _top_screen(stdscr, stats, stop, sort, refresh):

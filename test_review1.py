@@ -450,3 +450,33 @@ def test_top_survives_tiny_and_resized_windows(broker, tmux):
     assert row.rstrip().endswith("…") and mqbtt._cells(row.rstrip()) <= 151
     tmux.tmux("send-keys", "-t", "t", "q")
     assert tmux.exit_status() == 0
+
+
+@pytest.mark.parametrize("encoding", ["ascii", "latin-1"])
+def test_plain_top_on_an_output_that_cannot_encode_every_character(broker, encoding):
+    """PYTHONIOENCODING=ascii (or a latin-1 terminal) and a pair id and log line outside
+    it: top shows them escaped and keeps going (before: exit 1 at the first table)."""
+    env = dict(os.environ, PYTHONIOENCODING=encoding)
+    p = subprocess.Popen([sys.executable, MQBTT, "top", "--broker", broker.uri, "--interval", "0.3"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=env)
+    try:
+        assert b"a table every 0.3 s" in p.stderr.readline()
+        with MQbtTMiner(broker.uri, "ペア", client_id="gen-enc", clean_session=True) as m:
+            m.send_log("température 25°C ✓")
+        seen = []
+        for line in p.stdout:
+            seen.append(line)
+            if line.startswith(b"\\u30da\\u30a2 "):
+                break
+        row = seen[-1].decode(encoding).rstrip("\n")
+        assert row.endswith("temp\\xe9rature 25\\xb0C \\u2713" if encoding == "ascii"
+                            else "température 25°C \\u2713"), row
+        # and it keeps printing tables
+        assert p.stdout.readline() == b"\n" and p.stdout.readline().startswith(b"mqbtt top ")
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=15)
+        assert p.returncode == 0 and err == b""
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
