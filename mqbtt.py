@@ -1721,6 +1721,11 @@ class MQbtTOptimizer(MQbtTBase):
         ``request_id`` 0 (a miner that does not copy the id) is returned as
         the reply, as :meth:`receive_reply` would.
 
+        Several threads may call it at once on one handle: a reply that
+        answers another thread's pending request is handed over to that
+        thread, not discarded.  (Do not mix it with :meth:`receive_reply` in
+        other threads: that one takes the next reply, whoever it answers.)
+
         :param request: the :class:`Request`; if its ``request_id`` is 0 a
           fresh one is used (see :meth:`send_request`).
         :param timeout: seconds to wait for the reply (and, first, for the
@@ -1882,7 +1887,16 @@ def _init_request_ids(handle):
     handle.discard_stale_replies = True
     handle._id_lock = threading.Lock()
     handle._first_id = handle._next_id = _new_request_id_start()
-    handle._given_ids = set()
+    # non-zero ids set by the caller, the latest _given_ids_kept of them (a
+    # dict used as an ordered set: a long run with its own ids stays bounded)
+    handle._given_ids = {}
+    handle._given_ids_kept = 65536
+    # request() in several threads of one handle: one thread at a time takes
+    # replies from the queue and hands over those that answer another
+    # thread's pending request (request_id -> reply, _NO_REPLY while waiting)
+    handle._reply_cond = threading.Condition()
+    handle._awaited = {}
+    handle._receiving = False
 
 
 def _with_request_id(handle, request):
@@ -1898,7 +1912,12 @@ def _with_request_id(handle, request):
         return request, request.to_bytes()
     payload = request.to_bytes()   # validates the caller's id first
     if not handle._first_id <= rid < handle._next_id:
-        handle._given_ids.add(rid)
+        with handle._id_lock:
+            given = handle._given_ids
+            given.pop(rid, None)
+            given[rid] = None
+            if len(given) > handle._given_ids_kept:
+                del given[next(iter(given))]
     return request, payload
 
 
@@ -1914,23 +1933,58 @@ def _stale_reply(handle, reply, awaited):
                 handle.pair_id, reply, rid, why, handle.stale_replies)
 
 
+_NO_REPLY = object()   # request() waiting for this id: no reply handed over yet
+
+
 def _request(handle, request, timeout):
     if timeout is not None and timeout < 0:
         raise ValueError("timeout must be a non-negative number")
     deadline = None if timeout is None else time.monotonic() + timeout
-    try:
-        sent = handle.send_request(request, timeout=timeout)
-    except MQbtTSendTimeout as err:
-        if timeout is None:
-            raise
-        raise Empty(f"no reply within {timeout:g} s: {err}") from None
+    sent, payload = _with_request_id(handle, request)
     rid = sent.request_id
-    while True:
-        left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        reply = Reply.from_bytes(handle._receive("esp", True, left))
-        if reply.request_id == rid or not reply.request_id:
-            return reply
-        _stale_reply(handle, reply, rid)
+    cond, awaited = handle._reply_cond, handle._awaited
+    with cond:      # before publishing: another thread may receive the reply first
+        awaited[rid] = _NO_REPLY
+    try:
+        try:
+            handle._publish("srv", payload, True, timeout)
+        except MQbtTSendTimeout as err:
+            if timeout is None:
+                raise
+            raise Empty(f"no reply within {timeout:g} s: {err}") from None
+        while True:
+            with cond:   # our reply handed over by another thread, or our turn to receive
+                while True:
+                    got = awaited.get(rid, _NO_REPLY)
+                    if got is not _NO_REPLY:
+                        return got
+                    if not handle._receiving:
+                        handle._receiving = True
+                        break
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        raise Empty
+                    cond.wait(left)
+            try:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                payload = handle._receive("esp", True, left)
+            finally:
+                with cond:
+                    handle._receiving = False
+                    cond.notify_all()
+            reply = Reply.from_bytes(payload)
+            other = reply.request_id
+            if other == rid or not other:
+                return reply
+            with cond:
+                if awaited.get(other) is _NO_REPLY:    # another thread's request: hand it over
+                    awaited[other] = reply
+                    cond.notify_all()
+                    continue
+            _stale_reply(handle, reply, rid)
+    finally:
+        with cond:
+            awaited.pop(rid, None)
 
 
 def _discard_replies(handle) -> int:
@@ -5485,23 +5539,6 @@ _LOG_KEEP = 300             # characters of the last log line kept per pair
 FLEET_MAX_PAIR_ID = 200
 
 
-def _fleet_text(text: str) -> str:
-    """*text* with every non-printable character (C0 and C1 controls, DEL,
-    line separators, bidi overrides and other format characters) replaced by
-    its Python escape (``\\x1b``), so that a miner's text cannot drive the
-    terminal.  (Private: to be replaced by the shared sanitiser of issue 12.)"""
-    if text.isprintable():
-        return text
-    out = []
-    for ch in text:
-        if ch.isprintable():
-            out.append(ch)
-        else:
-            o = ord(ch)
-            out.append(f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}")
-    return "".join(out)
-
-
 def _cells(text: str) -> int:
     """The number of terminal cells *text* (printable) takes."""
     if text.isascii():
@@ -5657,7 +5694,7 @@ class FleetPair:
     :param share_count: shares with a finite difficulty.
     :param share_buckets: cumulative counts for :data:`DIFF_BUCKETS` and +Inf.
     :param share_sum: the sum of those difficulties.
-    :param last_log: the latest log line, control characters neutralised, or None.
+    :param last_log: the latest log line through :func:`safe_text`, or None.
     :param last_log_time: its arrival time, or None.
     """
     pair_id: str
@@ -5926,7 +5963,7 @@ class FleetStats:
             rtt_buckets=_cumulative(p.rtt_hist), rtt_sum=p.rtt_sum,
             best_share_difficulty=p.best_diff, share_count=sum(p.diff_hist),
             share_buckets=_cumulative(p.diff_hist), share_sum=p.diff_sum,
-            last_log=None if p.last_log is None else _fleet_text(p.last_log),
+            last_log=None if p.last_log is None else safe_text(p.last_log),
             last_log_time=p.last_log_ts)
 
     def __repr__(self):
@@ -5982,6 +6019,8 @@ def _duration(seconds) -> str:
 def _difficulty(value) -> str:
     if value is None:
         return "-"
+    if abs(value) >= 1e18:      # beyond P (a hostile miner's value): exponent form, fits the column
+        return f"{value:.2e}"
     for unit, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(value) >= scale:
             return f"{value / scale:.2f}{unit}"
@@ -6010,7 +6049,9 @@ def format_fleet_table(pairs: list, width: int | None = None) -> list:
     is *width* terminal cells wide (the last log line is cut to fit), or as
     long as needed when *width* is None.  Pair ids and log lines are shown
     with control characters neutralised."""
-    ids = [_fleet_text(p.pair_id) for p in pairs]
+    # safe_text: escape sequences removed, other controls escaped; a tab,
+    # which it keeps, would move the terminal's cursor past the cell widths
+    ids = [safe_text(p.pair_id).replace("\t", " ") for p in pairs]
     pw = min(max([4] + [_cells(i) for i in ids]), 24)
     head = _fit("PAIR", pw) + "".join(" " + _fit(t, w, right=t != "SEEN") for t, w in _TOP_COLUMNS)
     head += "  LAST LOG"
@@ -6024,7 +6065,7 @@ def format_fleet_table(pairs: list, width: int | None = None) -> list:
         line = _fit(pid, pw) + "".join(" " + _fit(c, w, right=t != "SEEN")
                                        for c, (t, w) in zip(cells, _TOP_COLUMNS))
         line += "  "
-        logtext = p.last_log or ""
+        logtext = safe_text(p.last_log or "").replace("\t", " ")
         if width is None:
             line += logtext
         else:
@@ -6041,9 +6082,11 @@ def _fleet_title(stats: FleetStats, n: int, now: float) -> str:
     when = datetime.datetime.fromtimestamp(now).astimezone().strftime("%Y-%m-%d %H:%M:%S%z")
     state = "connected" if stats.connected else "DISCONNECTED"
     if not stats.connected and stats.quiet and stats.last_event:
-        state += ": " + _fleet_text(stats.last_event)
+        state += ": " + safe_text(stats.last_event).replace("\t", " ")
     extra = f", {stats.dropped_pairs} dropped (more than {stats.max_pairs})" if stats.dropped_pairs else ""
-    return f"mqbtt top  {when}  {stats.broker} ({state})  {n} pair{'s' * (n != 1)}{extra}"
+    # safe_text: a broker URI's path or user name may hold control characters (kept visible)
+    return safe_text(f"mqbtt top  {when}  {stats.broker} ({state})  {n} pair{'s' * (n != 1)}{extra}",
+                     strip_ansi=False)
 
 
 def _stop_signals(stop: threading.Event):
@@ -6154,10 +6197,18 @@ def _top_plain(stats, stop, out, interval, sort):
             time.sleep(min(left, 0.2))
             continue
         next_at += interval
+        if next_at <= time.monotonic():     # after a stall (Ctrl-Z, SIGSTOP): no burst of tables
+            next_at = time.monotonic() + interval
         now = time.time()
         pairs = sort_fleet(stats.pairs(now), sort)
         lines = [_fleet_title(stats, len(pairs), now)] + [line for line, _ in format_fleet_table(pairs)]
-        print("\n".join(lines) + "\n", file=out, flush=True)
+        text = "\n".join(lines) + "\n"
+        encoding = getattr(out, "encoding", None)
+        if encoding and not encoding.lower().replace("-", "").startswith("utf"):
+            # a pair id or log line the output cannot encode (PYTHONIOENCODING=ascii,
+            # a latin-1 locale) is shown escaped instead of stopping top
+            text = text.encode(encoding, "backslashreplace").decode(encoding)
+        print(text, file=out, flush=True)
 
 
 def _top_screen(stdscr, stats, stop, sort, refresh):
@@ -7015,8 +7066,9 @@ def _cmd_top(argv):
 
     def ready(stats):
         if not _full_screen_ok(sys.stdout):
-            print(f"mqbtt top: watching {', '.join(t for t, _ in stats.subscriptions)} on "
-                  f"{stats.broker}, a table every {a.interval:g} s (Ctrl-C to stop)",
+            print(safe_text(f"mqbtt top: watching {', '.join(t for t, _ in stats.subscriptions)} "
+                            f"on {stats.broker}, a table every {a.interval:g} s (Ctrl-C to stop)",
+                            strip_ansi=False),
                   file=sys.stderr, flush=True)
 
     run_top(a.broker, a.pid, interval=a.interval, stale=a.stale, max_pairs=a.max_pairs,
@@ -7048,9 +7100,9 @@ def _cmd_exporter(argv):
 
     def ready(stats, host, port):
         shown = f"[{host}]" if ":" in host else host
-        print(f"mqbtt exporter: serving http://{shown}:{port}/metrics for "
-              f"{', '.join(t for t, _ in stats.subscriptions)} on {stats.broker} "
-              "(Ctrl-C to stop)", file=sys.stderr, flush=True)
+        print(safe_text(f"mqbtt exporter: serving http://{shown}:{port}/metrics for "
+                        f"{', '.join(t for t, _ in stats.subscriptions)} on {stats.broker} "
+                        "(Ctrl-C to stop)", strip_ansi=False), file=sys.stderr, flush=True)
 
     run_exporter(a.broker, a.listen, a.pid, max_pairs=a.max_pairs, forget_after=a.forget,
                  ready=ready)
