@@ -56,7 +56,7 @@ __all__ = [
     "MQbtTSubscribeError", "MQbtTSendError", "MQbtTSendTimeout",
     "APIException", "MQbtTConfigError",
     # secrets and text from the wire
-    "safe_text", "BrokerURI", "HTTP_MAX_BYTES", "WSLOG_MAX_LINE", "WSLOG_SPLIT_MARK",
+    "safe_text", "BrokerURI", "HTTP_MAX_BYTES", "WSLOG_MAX_LINE", "WSLOG_SPLIT_MARK", "WSLOG_MAX_FRAME",
     "UPGRADE_MAX_BYTES",
     # external services (AxeOS, OpenObserve)
     "pid2url", "axeos_info", "axeos_restart", "o2_history", "restart", "wslog",
@@ -598,6 +598,12 @@ class BrokerURI:
         text = uri.strip()
         shown = _redact(text)
         scheme, userinfo, rest = _split_userinfo(text)
+        if userinfo is not None and "@" in userinfo and any(
+                c in userinfo[userinfo.index("@"):] for c in "/?#"):
+            # "bob:pw@host/p@th": password "pw" for host, or "pw@host/p" for "th"?  Guessing
+            # wrong sends the password to another host: refuse, say how to write it
+            raise ValueError(f"invalid broker URI {shown!r}: ambiguous '@' (write it %40 in a "
+                             "path or option; in a password, write / ? # as %2F %3F %23 or @ as %40)")
         if scheme is None:
             scheme = "mqtt"
         try:
@@ -666,7 +672,7 @@ class BrokerURI:
     def __str__(self):
         user = ""
         if self.username is not None:
-            user = self.username + (":***" if self.password is not None else "") + "@"
+            user = safe_text(self.username) + (":***" if self.password is not None else "") + "@"
         host = f"[{self.host}]" if ":" in self.host else self.host
         path = self.path if self.transport == "websockets" else ""
         return f"{self.scheme}://{user}{host}:{self.port}{path}"
@@ -2805,10 +2811,15 @@ def _config():
     path = config_path()
     cp = configparser.ConfigParser(interpolation=None)
     cp.optionxform = str  # pair ids are case-sensitive
+    import stat
     try:
-        with open(path, "rb") as f:
-            data = f.read((1 << 20) + 1)
+        # O_NONBLOCK: a FIFO (or a device) must not hang the open; only regular files are read
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with open(fd, "rb") as f:
             mode = os.fstat(f.fileno()).st_mode
+            if not stat.S_ISREG(mode):
+                raise MQbtTConfigError(f"invalid configuration file {path}: not a regular file", path)
+            data = f.read((1 << 20) + 1)
     except FileNotFoundError:
         if os.environ.get("MQBTT_CONFIG"):
             raise MQbtTConfigError(f"configuration file {path} (from $MQBTT_CONFIG) does not "
@@ -2820,9 +2831,9 @@ def _config():
     if len(data) > 1 << 20:
         raise MQbtTConfigError(f"invalid configuration file {path}: larger than 1 MiB", path)
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")  # a byte order mark (Windows editors) is not content
     except UnicodeDecodeError as err:
-        lineno = data.count(b"\n", 0, err.start) + 1
+        lineno = err.object.count(b"\n", 0, err.start) + 1  # (the object has no BOM)
         raise MQbtTConfigError(f"invalid configuration file {path}, line {lineno}: "
                                "not UTF-8 text", path, lineno) from None
     try:
@@ -3082,7 +3093,7 @@ def _o2_answer(r, s: _O2Settings, where: str) -> None:
         answer = None
     if not 200 <= r.status_code < 300:
         detail = answer.get("message") or answer.get("error") if isinstance(answer, dict) else None
-        raise APIException(f"{what}: {where}: HTTP {r.status_code} {r.reason or ''}".rstrip()
+        raise APIException(f"{what}: {where}: HTTP {r.status_code} {safe_text(r.reason or '')}".rstrip()
                            + f" ({safe_text(' '.join(str(detail).split())[:200]) if detail else _snippet(r)})")
     if not isinstance(answer, dict):
         raise APIException(f"{what}: {where}: the answer is not a JSON object "
@@ -3092,7 +3103,8 @@ def _o2_answer(r, s: _O2Settings, where: str) -> None:
                            f"{safe_text(' '.join(str(answer['error']).split())[:200])}")
     if answer.get("code", 200) != 200:
         raise APIException(f"{what}: {where}: OpenObserve answered code {answer.get('code')}"
-                           + (f" ({safe_text(answer['message'])})" if answer.get("message") else ""))
+                           + (f" ({safe_text(' '.join(str(answer['message']).split())[:200])})"
+                              if answer.get("message") else ""))
     status = answer.get("status")
     if not isinstance(status, list) or not all(isinstance(x, dict) for x in status):
         raise APIException(f"{what}: {where}: the answer has no per-stream status "
@@ -3255,6 +3267,28 @@ WSLOG_MAX_LINE = 16384
 #: What ends each piece of a line that :func:`wslog` had to split.
 WSLOG_SPLIT_MARK = " [mqbtt: line split]"
 
+#: The largest websocket frame :func:`wslog` accepts, in bytes (AxeOS sends
+#: one log line per frame); a larger one drops the connection, which is then
+#: re-established as after any loss.  Fragments of a message are taken one
+#: frame at a time, never reassembled, so a message without end stays bounded.
+WSLOG_MAX_FRAME = 1 << 20
+
+
+def _bound_ws_frames(ws, limit: int) -> None:
+    """Make the websocket-client connection *ws* refuse, from its header, a
+    frame longer than *limit* bytes (websocket-client would read a frame of
+    any announced length into memory)."""
+    import websocket
+    frames = ws.frame_buffer
+    recv_length = frames.recv_length
+
+    def bounded_length():
+        recv_length()
+        if frames.length is not None and frames.length > limit:
+            raise websocket.WebSocketProtocolException(
+                f"a frame of {frames.length} bytes, more than {limit} (mqbtt.WSLOG_MAX_FRAME)")
+    frames.recv_length = bounded_length
+
 
 def _ws_socket(url: str, deadline: "_Deadline"):
     """The connected (for ``wss``, TLS-wrapped) socket for the websocket
@@ -3387,7 +3421,9 @@ def wslog(pid: str, path: str, *, duration: float | None = None, stop=None,
                                                      suppress_origin=True,
                                                      skip_utf8_validation=True,
                                                      redirect_limit=0,  # no redirect followed
+                                                     fire_cont_frame=True,  # fragments one by one
                                                      socket=_ws_socket(url, deadline))
+                    _bound_ws_frames(ws, WSLOG_MAX_FRAME)
                 except websocket.WebSocketBadStatusException as err:
                     code = err.status_code
                     if code == 401:
@@ -3430,7 +3466,7 @@ def wslog(pid: str, path: str, *, duration: float | None = None, stop=None,
                             got_data = True
                             take_lines(decoder.decode(data if isinstance(data, bytes) else data.encode()))
                     except (OSError, websocket.WebSocketException) as err:
-                        reason = " ".join(str(err).split())[:200] or type(err).__name__
+                        reason = safe_text(" ".join(str(err).split())[:200] or type(err).__name__)
                     finally:
                         pending += decoder.decode(b"", final=True)
                         decoder = None
@@ -3561,11 +3597,18 @@ def _check_release_url(url: str) -> None:
     download can be replaced on the way, checksum included."""
     import ipaddress
     from urllib.parse import urlsplit
+    from urllib3.util import parse_url
     try:
         u = urlsplit(url)
         scheme, host = u.scheme.lower(), (u.hostname or "")
+        # the host requests (urllib3) will connect to must be the one checked here:
+        # "http://evil.example\\@127.0.0.1/" is 127.0.0.1 to urlsplit, evil.example to urllib3
+        connects_to = (parse_url(url).host or "").strip("[]").lower()
     except ValueError:
-        raise MQbtTError(f"invalid release URL {_redact(url)!r}") from None
+        raise MQbtTError(f"invalid release URL {safe_text(_redact(url))!r}") from None
+    if not url.isprintable() or any(c.isspace() for c in url) or connects_to != host.lower():
+        raise MQbtTError(f"invalid release URL {safe_text(_redact(url))!r}: its host is ambiguous "
+                         "(a backslash, space or control character in it)")
     if scheme == "https" and host:
         return
     if scheme == "http" and host:
@@ -3626,18 +3669,27 @@ def _zip_version(path: str) -> str:
     import re
     import zipfile
     pattern = re.compile(rb"^(?:VERSION|__version__) = (['\"])([0-9][0-9A-Za-z.+_-]{0,63})\1\s*$", re.M)
+    found = {}
     try:
         with zipfile.ZipFile(path) as z:
             for name in ("site-packages/mqbtt_boot.py", "site-packages/mqbtt.py"):
                 try:
                     with z.open(name) as f:
-                        m = pattern.search(f.read(4 << 20))   # bounded: no zip bomb
+                        versions = {m.group(2).decode("ascii")   # bounded read: no zip bomb
+                                    for m in pattern.finditer(f.read(4 << 20))}
                 except KeyError:
                     continue
-                if m:
-                    return m.group(2).decode("ascii")
+                if versions:
+                    found[name] = versions
     except (OSError, zipfile.BadZipFile, RuntimeError, ValueError, EOFError) as err:
         raise MQbtTError(f"cannot read the version of {path}: {safe_text(err)}") from None
+    # what --version prints (mqbtt_boot.py) and what runs (mqbtt.py) must agree
+    versions = set().union(*found.values())
+    if len(versions) > 1:
+        raise MQbtTError(f"{path} holds inconsistent versions ("
+                         + "; ".join(f"{n}: {', '.join(sorted(v))}" for n, v in found.items()) + ")")
+    if versions:
+        return versions.pop()
     raise MQbtTError(f"{path} is not an mqbtt zipapp: it has no site-packages/mqbtt_boot.py "
                      "or mqbtt.py with a version")
 
@@ -3648,7 +3700,10 @@ def _zipapp_version(path: str, timeout: float = 120) -> str:
     import subprocess
     import tempfile
     with tempfile.TemporaryDirectory(prefix="mqbtt-upgrade-") as root:
-        env = dict(os.environ, SHIV_ROOT=root)
+        # no MQBTT_* variable: $MQBTT_PASSWORD, $MQBTT_O2_PASSWORD, a URI with a password
+        # in $MQBTT_BROKER are nothing a downloaded file needs to print its version
+        env = {k: v for k, v in os.environ.items() if not k.upper().startswith("MQBTT_")}
+        env["SHIV_ROOT"] = root
         for var in ("SHIV_ENTRY_POINT", "SHIV_MODULE", "SHIV_CONSOLE_SCRIPT", "SHIV_INTERPRETER"):
             env.pop(var, None)
         try:
@@ -3750,7 +3805,9 @@ def upgrade(target: str, url: str | None = None, check: bool = False,
             raise MQbtTError(f"{shown}/mqbtt.pyz is not a zipapp (no #! line or not a zip file)")
         try:
             available = _zip_version(tmp)
-        except MQbtTError:
+        except MQbtTError as err:
+            if "inconsistent versions" in str(err):
+                raise MQbtTError(f"{shown}/mqbtt.pyz{str(err).split(tmp, 1)[-1]}; nothing changed") from None
             raise MQbtTError(f"{shown}/mqbtt.pyz is not an mqbtt zipapp (no version in it)") from None
         if check or _version_key(available) <= _version_key(installed):
             return installed, available, False
@@ -3799,20 +3856,19 @@ FLEET_MAX_PAIR_ID = 200
 
 
 def _fleet_text(text: str) -> str:
-    """*text* with every non-printable character (C0 and C1 controls, DEL,
-    line separators, bidi overrides and other format characters) replaced by
-    its Python escape (``\\x1b``), so that a miner's text cannot drive the
-    terminal.  (Private: to be replaced by the shared sanitiser of issue 12.)"""
+    """*text* for a table cell: :func:`safe_text` (escape sequences kept
+    visible, ``\\x1b[2J``, as ``mqbtt dump`` shows them), then every character
+    that is still not printable (tab, zero-width and other format
+    characters) escaped too, so that the terminal cells of the text can be
+    counted and a miner's text can neither drive the terminal nor shift the
+    columns."""
+    text = safe_text(text, strip_ansi=False)
     if text.isprintable():
         return text
-    out = []
-    for ch in text:
-        if ch.isprintable():
-            out.append(ch)
-        else:
-            o = ord(ch)
-            out.append(f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}")
-    return "".join(out)
+    return "".join(ch if ch.isprintable() else
+                   f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else
+                   f"\\u{ord(ch):04x}" if ord(ch) < 0x10000 else f"\\U{ord(ch):08x}"
+                   for ch in text)
 
 
 def _cells(text: str) -> int:

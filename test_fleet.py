@@ -169,7 +169,7 @@ class TestFleetStats:
         (p,) = s.pairs(now=T0 + 1)
         assert p.last_log.isprintable()
         assert p.last_log == ("I (1) \\x1b[2J\\x1b]0;owned\\x07 \\u202eevil\\u2066 \\x9b31m "
-                              "\\x0d\\x0aX\\x09tab \\x7f")
+                              "\\r\\nX\\x09tab \\x7f")
         # a hostile pair id is shown neutralised too (the exporter keeps it as it is)
         s.feed("\x1b[31mred\u202e", "log", b"x", T0)
         table = mqbtt.format_fleet_table(s.pairs(now=T0 + 1))
