@@ -3454,6 +3454,7 @@ def wslog(pid: str, path: str, *, duration: float | None = None, stop=None,
                     got_data = False
                     decoder = codecs.getincrementaldecoder("utf-8")("replace")
                     reason = "closed by the device"
+                    broken = False   # after a receive error the stream is unusable: no closing handshake
                     try:
                         ws.settimeout(0.5)
                         while not stopping():
@@ -3467,11 +3468,13 @@ def wslog(pid: str, path: str, *, duration: float | None = None, stop=None,
                             take_lines(decoder.decode(data if isinstance(data, bytes) else data.encode()))
                     except (OSError, websocket.WebSocketException) as err:
                         reason = safe_text(" ".join(str(err).split())[:200] or type(err).__name__)
+                        broken = True
                     finally:
                         pending += decoder.decode(b"", final=True)
                         decoder = None
                         try:
-                            ws.close(timeout=1)
+                            if not broken:   # (close() reads on: the rest of a refused frame)
+                                ws.close(timeout=1)
                         except Exception:
                             pass
                         finally:
