@@ -2903,7 +2903,8 @@ def _base_url(text: str, what: str) -> str:
     except ValueError as err:
         raise ValueError(f"invalid {what} {_redact(text)!r}: {err}") from None
     if (u.scheme.lower() not in ("http", "https") or not u.hostname
-            or any(c.isspace() for c in u.netloc)):
+            or any(c.isspace() or c == "\\" for c in u.netloc) or not u.netloc.isprintable()):
+        # (a backslash ends the host for urllib3, not for urlsplit: "u:pw\\x@h" is host "u")
         raise ValueError(f"invalid {what} {_redact(text)!r}: an IP address, host, host:port "
                          "or http(s):// URL is expected")
     return f"{u.scheme.lower()}://{u.netloc}{u.path.rstrip('/')}"
@@ -2978,7 +2979,15 @@ def _http(method: str, url: str, what: str, *, timeout=None, auth=None, json_bod
                                    f"({reason}){hint}") from None
             raise APIException(f"{what}: {where}: cannot connect ({reason})") from None
         raise APIException(f"{what}: {where}: {type(err).__name__}: "
-                           f"{safe_text(' '.join(str(err).split())[:200])}") from None
+                           f"{safe_text(_scrub_url(' '.join(str(err).split()), url)[:200])}") from None
+
+
+def _scrub_url(text: str, url: str) -> str:
+    """*text* (an error message that may quote *url*) with *url*'s password hidden."""
+    text = text.replace(url, _redact(url))
+    _, userinfo, _ = _split_userinfo(url)
+    password = userinfo.partition(":")[2] if userinfo else ""
+    return text.replace(password, "***") if password else text
 
 
 def _snippet(r, limit: int = 200) -> str:

@@ -457,6 +457,19 @@ def test_openobserve_error_reason_is_neutralised(tmp_path, monkeypatch, reason):
         server.close()
 
 
+@pytest.mark.parametrize("url", ["http://u:{pw}\\x@127.0.0.1:9", "http://u:x\\{pw}@127.0.0.1:9",
+                                 "https://u:{pw}\\@127.0.0.1:9/o2", "http://u:{pw}\x1b@127.0.0.1:9"])
+def test_urls_urllib3_reads_otherwise_never_show_the_password(tmp_path, url):
+    """A backslash ends the host for urllib3 but not for urlsplit: requests
+    then raised InvalidURL quoting the whole URL, password included."""
+    url = url.format(pw=SECRET)
+    for args, env in ((["restart", "--pid", "127.0.0.1:9", "--timeout", "3"], {"MQBTT_O2_URL": url}),
+                      (["restart", "--pid", url, "--no-history", "--timeout", "3"], {})):
+        p = run(args, clean_env(tmp_path, **env), timeout=30)
+        line = one_line(p)
+        assert SECRET not in p.stdout + p.stderr and "u:***@" in line and line.isprintable(), line
+
+
 # ---------------------------------------------------------------------------
 # 10, 11. wslog against a websocket server that breaks every rule
 # ---------------------------------------------------------------------------
@@ -785,7 +798,7 @@ def upgrade(installed, url, tmp_path, *extra, **env):
      "inconsistent versions"),
     ("twomodule", release_zip(None, "99.0.0", extra=[("site-packages/mqbtt.py", b"", 0)]),
      "no version"),
-])
+], ids=["mismatch", "twoboot", "twomodule"])
 def test_release_versions_must_agree(releases, tmp_path, name, data, message):
     """What ``--version`` prints (mqbtt_boot.py) and what runs (mqbtt.py)
     must be one version: ``--check`` would report 99.0.0 for a zip whose
