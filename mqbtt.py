@@ -774,6 +774,17 @@ def _tls_context(b: "BrokerURI"):
     def no_passphrase():
         raise _Encrypted()
 
+    import stat
+    for what, path in (("CA file", b.cafile), ("client certificate", b.certfile),
+                       ("client key", b.keyfile)):
+        try:
+            mode = os.stat(path).st_mode if path else None
+        except OSError:
+            continue  # missing or unreadable: reported by the load below
+        if mode is not None and not stat.S_ISREG(mode):
+            # OpenSSL would block for good on a FIFO, or read a device without end
+            raise MQbtTConnectionError(f"cannot use the {what} {safe_text(path)} of {b}: "
+                                       "not a regular file")
     try:
         ctx = ssl.create_default_context(cafile=b.cafile)
     except (OSError, ssl.SSLError) as err:

@@ -30,6 +30,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 import mqbtt  # noqa: E402
 from local_broker import LocalBroker, free_port  # noqa: E402
+from test_security import mtls_broker, pki  # noqa: E402,F401 - fixtures: openssl CA, mTLS Mosquitto
 
 PY = sys.executable
 SECRET = "Rv2-S3cretPass-k4"
@@ -173,6 +174,38 @@ def test_username_with_controls_is_shown_neutralised():
     b = mqbtt.BrokerURI.parse("mqtt://b%0A%1B%5B2J%1B%5D0%3Bowned%07ob:pw@h", environ={})
     assert b.username == "b\n\x1b[2J\x1b]0;owned\x07ob"      # sent as given
     assert str(b) == "mqtt://b\\nob:***@h:1883" and str(b).isprintable()
+
+
+# ---------------------------------------------------------------------------
+# 8. Client certificate and CA paths that are not plain files
+# ---------------------------------------------------------------------------
+
+def test_tls_files_that_are_not_regular_files(pki, mtls_broker, tmp_path):
+    """A FIFO as cafile, certfile or keyfile blocked OpenSSL (and so the
+    command) for good; a device was read without end.  Now one line, at
+    once; a symlink to the right files still connects (real Mosquitto with
+    ``require_certificate true``)."""
+    fifo = tmp_path / "fifo.pem"
+    os.mkfifo(fifo)
+    odd = tmp_path / "esc\x1b[2Jname.pem"
+    os.mkfifo(odd)
+    base = f"mqtts://127.0.0.1:{mtls_broker.tls_port}"
+    good = f"cafile={pki}/ca.crt&certfile={pki}/client.crt&keyfile={pki}/client.key"
+    for query in (f"cafile={fifo}", f"cafile={pki}/ca.crt&certfile={fifo}",
+                  f"cafile={pki}/ca.crt&certfile={pki}/client.crt&keyfile={fifo}",
+                  f"cafile=/dev/zero", f"cafile={pki}/ca.crt&certfile=/dev/urandom",
+                  f"cafile={tmp_path}", f"cafile={quote(str(odd))}"):
+        t0 = time.monotonic()
+        p = run(["echo", "--broker", f"{base}?{query}", "--count", "1", "tlspid"],
+                clean_env(tmp_path), timeout=60)
+        line = one_line(p)
+        assert "not a regular file" in line and line.isprintable(), line
+        assert time.monotonic() - t0 < 30
+    for name in ("ca.crt", "client.crt", "client.key"):
+        (tmp_path / f"link-{name}").symlink_to(pki / name)
+    linked = good.replace(f"{pki}/", f"{tmp_path}/link-")
+    with mqbtt.MQbtTLogReceiver(f"{base}?{linked}", "tlspid") as r:
+        assert r.connected
 
 
 # ---------------------------------------------------------------------------
