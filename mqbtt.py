@@ -57,6 +57,7 @@ __all__ = [
     "APIException", "MQbtTConfigError",
     # secrets and text from the wire
     "safe_text", "BrokerURI", "HTTP_MAX_BYTES", "WSLOG_MAX_LINE", "WSLOG_SPLIT_MARK", "WSLOG_MAX_FRAME",
+    "WSLOG_MAX_HANDSHAKE",
     "UPGRADE_MAX_BYTES",
     # external services (AxeOS, OpenObserve)
     "pid2url", "axeos_info", "axeos_restart", "o2_history", "restart", "wslog",
@@ -3294,6 +3295,31 @@ WSLOG_SPLIT_MARK = " [mqbtt: line split]"
 WSLOG_MAX_FRAME = 1 << 20
 
 
+#: The largest websocket handshake answer :func:`wslog` reads, in bytes
+#: (AxeOS sends about 150); websocket-client reads header lines of any length.
+WSLOG_MAX_HANDSHAKE = 64 << 10
+
+
+class _HandshakeSocket:
+    """A socket that refuses to receive more than *limit* bytes: given to
+    websocket-client for the handshake only."""
+
+    def __init__(self, sock, limit: int):
+        self._sock, self._left = sock, limit
+
+    def recv(self, bufsize, *args):
+        import websocket
+        data = self._sock.recv(bufsize, *args)
+        self._left -= len(data)
+        if self._left < 0:
+            raise websocket.WebSocketException(
+                f"handshake answer larger than {WSLOG_MAX_HANDSHAKE} bytes")
+        return data
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
+
+
 def _bound_ws_frames(ws, limit: int) -> None:
     """Make the websocket-client connection *ws* refuse, from its header, a
     frame longer than *limit* bytes (websocket-client would read a frame of
@@ -3437,12 +3463,15 @@ def wslog(pid: str, path: str, *, duration: float | None = None, stop=None,
                 ws = None
                 deadline = _Deadline(connect_timeout)  # the handshake's total deadline
                 try:
+                    sock = _ws_socket(url, deadline)
                     ws = websocket.create_connection(url, timeout=connect_timeout,
                                                      suppress_origin=True,
                                                      skip_utf8_validation=True,
                                                      redirect_limit=0,  # no redirect followed
                                                      fire_cont_frame=True,  # fragments one by one
-                                                     socket=_ws_socket(url, deadline))
+                                                     socket=_HandshakeSocket(
+                                                         sock, WSLOG_MAX_HANDSHAKE))
+                    ws.sock = sock   # the handshake is over: the plain socket again
                     _bound_ws_frames(ws, WSLOG_MAX_FRAME)
                 except websocket.WebSocketBadStatusException as err:
                     code = err.status_code

@@ -646,6 +646,51 @@ print(json.dumps({"lines": n, "elapsed": time.monotonic() - t0, "events": events
 """
 
 
+def _ws_answer_huge_header(c, stop):
+    c.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nX-Big: ")
+    while not stop.is_set():
+        c.sendall(b"a" * 65536)
+
+
+def _ws_answer_header_flood(c, stop):
+    c.sendall(b"HTTP/1.1 101 Switching Protocols\r\n")
+    while not stop.is_set():
+        c.sendall(b"X-H: y\r\n" * 4096)
+
+
+CHILD_WS_HANDSHAKE = r"""
+import json, sys, time
+import mqbtt
+def peak_mb():
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 1024
+t0 = time.monotonic()
+try:
+    mqbtt.wslog(sys.argv[1], sys.argv[2], timeout=10, duration=30)
+    outcome = "returned"
+except mqbtt.APIException as err:
+    outcome = str(err)
+print(json.dumps({"outcome": outcome, "elapsed": time.monotonic() - t0, "maxrss_mb": peak_mb()}))
+"""
+
+
+@pytest.mark.parametrize("answer", [_ws_answer_huge_header, _ws_answer_header_flood],
+                         ids=["huge-line", "flood"])
+def test_wslog_handshake_answer_is_bounded(tmp_path, answer):
+    """websocket-client reads handshake header lines of any length and
+    number, one byte per read: 111 MB in 5 s here, for as long as the
+    timeout allowed.  Now refused past WSLOG_MAX_HANDSHAKE."""
+    server = RawHTTP(answer)
+    try:
+        r = child_json(CHILD_WS_HANDSHAKE, [f"127.0.0.1:{server.port}", str(tmp_path / "ws.log")],
+                       clean_env(tmp_path))
+    finally:
+        server.close()
+    print(f"\n[wslog handshake {answer.__name__}] {r}")
+    assert "cannot connect (handshake answer larger than 65536 bytes)" in r["outcome"], r
+    assert r["elapsed"] < 5 and r["maxrss_mb"] < 80, r
+
+
 def test_wslog_refuses_a_huge_single_frame(tmp_path):
     """websocket-client reads a frame of any announced length into memory:
     a frame announcing 2 GiB is now refused from its header, the connection
