@@ -151,9 +151,12 @@ class MQbtTConfigError(MQbtTError, ValueError):
 # ST, DCS/SOS/PM/APC strings up to ST, and any other ESC sequence.  Their
 # parameter classes exclude ESC, so a sequence nested in another never
 # matches as one: its ESC is caught by the control-character branch below.
+# String bodies exclude every C1 character too: otherwise each of n
+# introducers in a row ("\x9d" * n) scans to the end: quadratic (20,000
+# characters took 5 s).
 _ESCAPE_SEQUENCE = (r"(?:\x1b\[|\x9b)[0-?]*[ -/]*[@-~]"
-                    r"|(?:\x1b\]|\x9d)[^\x07\x1b\x9c]*(?:\x07|\x1b\\|\x9c)"
-                    r"|(?:\x1b[PX^_]|[\x90\x98\x9e\x9f])[^\x1b\x9c]*(?:\x1b\\|\x9c)"
+                    r"|(?:\x1b\]|\x9d)[^\x07\x1b\x80-\x9f]*(?:\x07|\x1b\\|\x9c)"
+                    r"|(?:\x1b[PX^_]|[\x90\x98\x9e\x9f])[^\x1b\x80-\x9f]*(?:\x1b\\|\x9c)"
                     r"|\x1b[ -/]*[0-~]")
 # C0 controls but tab, DEL, C1 controls, the bidirectional marks, embeddings,
 # overrides and isolates ("Trojan Source"), line/paragraph separators, and

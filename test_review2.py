@@ -755,6 +755,38 @@ def test_wslog_pings_binary_frames_and_nested_escapes(tmp_path):
     assert any(e == "lost" for e, _ in r["events"]), r["events"]
 
 
+def test_wslog_lines_of_c1_introducers_stay_linear(tmp_path):
+    """safe_text's string-sequence bodies accepted C1 characters, so each of
+    n introducers in a row ("\\x90" * n) scanned to the end of the line:
+    20,000 of them took 6 s, one 16 KiB wslog line of them 4 s.  40 such
+    lines (one per introducer kind, and mixed) now pass in well under the
+    120 s bound (which the old pattern needed ~160 s to meet)."""
+    kinds = ["\x90", "\x98", "\x9d", "\x9e", "\x9f", "\x1b]\x9d", "\x9da", "\x1bP\x98"]
+    lines = [(k * (16000 // len(k)))[:16000] for k in kinds for _ in range(5)]
+
+    def session(c, server):
+        for line in lines:
+            server.send(c, ws_frame((line + "\n").encode()))
+        server.send(c, ws_frame(b"I (2) after\n"))
+    server = RawWS([session])
+    path = tmp_path / "ws.log"
+    try:
+        r = child_json(CHILD_WSLOG, [server.address, str(path), "I (2) after"], clean_env(tmp_path),
+                       timeout=150)
+    finally:
+        server.close()
+    print(f"\n[wslog C1 introducers] 40 lines of 16,000: {r['elapsed']:.2f} s")
+    written = path.read_text(encoding="utf-8").splitlines()
+    assert len(written) == 41 and written[-1] == "I (2) after"
+    assert all("\x1b" not in w and not any(c in w for c in C1) for w in written)
+    assert r["elapsed"] < 120, r
+    for k in kinds:     # and the function itself, 64 Ki characters of each
+        t0 = time.monotonic()
+        out = mqbtt.safe_text(k * (65536 // len(k)))
+        assert "\x1b" not in out and not any(c in out for c in C1)
+        assert time.monotonic() - t0 < 20, k
+
+
 # ---------------------------------------------------------------------------
 # 11. mqbtt top goes through safe_text
 # ---------------------------------------------------------------------------
