@@ -525,8 +525,9 @@ class RawWS:
     the connection open until closed.  Frames the client sends (pongs) are
     counted in ``pongs``."""
 
-    def __init__(self, sessions):
+    def __init__(self, sessions, tls=None):
         self.sessions = sessions
+        self.tls = tls       # an ssl.SSLContext: serve wss
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.address = f"127.0.0.1:{self.port}"
@@ -546,6 +547,8 @@ class RawWS:
 
     def _one(self, c, i):
         try:
+            if self.tls is not None:
+                c = self.tls.wrap_socket(c, server_side=True)
             req = b""
             while b"\r\n\r\n" not in req:
                 b = c.recv(4096)
@@ -785,6 +788,26 @@ def test_wslog_lines_of_c1_introducers_stay_linear(tmp_path):
         out = mqbtt.safe_text(k * (65536 // len(k)))
         assert "\x1b" not in out and not any(c in out for c in C1)
         assert time.monotonic() - t0 < 20, k
+
+
+def test_wss_with_the_bounds(pki, tmp_path):
+    """The handshake wrapper and the frame bound over TLS (wss, the server's
+    certificate from the test CA via $SSL_CERT_FILE): a refused 2 GiB frame,
+    then a clean reconnection and line."""
+    import ssl
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(pki / "server.crt", pki / "server.key")
+    server = RawWS([_huge_frame, _after], tls=ctx)
+    path = tmp_path / "wss.log"
+    try:
+        r = child_json(CHILD_WSLOG, [f"https://127.0.0.1:{server.port}", str(path), "I (2) after"],
+                       clean_env(tmp_path, SSL_CERT_FILE=str(pki / "ca.crt")), timeout=90)
+    finally:
+        server.close()
+    events = r["events"]
+    assert events[0][0] == "connected" and "wss://127.0.0.1" in events[0][1], events
+    assert any(e == "lost" and "more than 1048576" in m for e, m in events), events
+    assert path.read_text().splitlines() == ["I (2) after"] and r["maxrss_mb"] < 150, r
 
 
 # ---------------------------------------------------------------------------
