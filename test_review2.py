@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 import zipfile
 from base64 import b64encode
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -850,7 +851,9 @@ def release_zip(boot_version=None, module_version=None, extra=(), main=None):
             info = zipfile.ZipInfo(name)
             if attr:
                 info.external_attr = attr
-            z.writestr(info, data)
+            with warnings.catch_warnings():   # a duplicate name is the point of some releases
+                warnings.simplefilter("ignore", UserWarning)
+                z.writestr(info, data)
     return b"#!/usr/bin/env python3\n" + buf.getvalue()
 
 
