@@ -3661,7 +3661,12 @@ def _check_release_url(url: str) -> None:
         connects_to = (parse_url(url).host or "").strip("[]").lower()
     except ValueError:
         raise MQbtTError(f"invalid release URL {safe_text(_redact(url))!r}") from None
-    if not url.isprintable() or any(c.isspace() for c in url) or connects_to != host.lower():
+    expected = host.lower().replace("%25", "%")   # (an IPv6 zone: urllib3 decodes it)
+    try:
+        expected = expected.encode("idna").decode("ascii")   # (urllib3 IDNA-encodes)
+    except UnicodeError:
+        pass
+    if not url.isprintable() or any(c.isspace() for c in url) or connects_to != expected:
         raise MQbtTError(f"invalid release URL {safe_text(_redact(url))!r}: its host is ambiguous "
                          "(a backslash, space or control character in it)")
     if scheme == "https" and host:

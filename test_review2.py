@@ -996,6 +996,9 @@ def test_release_url_host_is_read_as_urllib3_reads_it(releases, tmp_path):
     assert not any(h.startswith("/ok") for h in releases.hits), releases.hits
     with pytest.raises(mqbtt.MQbtTError, match="ambiguous"):
         mqbtt._check_release_url(f"http://127.0.0.1\\.evil.example:{releases.port}/")
+    for fine in ("https://BÜCHER.example/rel/", "https://[fe80::1%25eth0]/rel/",
+                 "https://u:p%5C@h.example/rel/", "http://[::1]:8/rel/"):
+        mqbtt._check_release_url(fine)   # IDNA, IPv6 zones, an encoded backslash: still accepted
 
 
 def test_version_probe_gets_no_mqbtt_secrets(releases, tmp_path):
