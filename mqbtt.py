@@ -68,7 +68,8 @@ __all__ = [
     "APIException", "MQbtTConfigError", "MQbtTMissingDependency", "DEPENDENCIES",
     "check_dependencies",
     # secrets and text from the wire
-    "safe_text", "BrokerURI", "HTTP_MAX_BYTES", "WSLOG_MAX_LINE", "WSLOG_SPLIT_MARK",
+    "safe_text", "BrokerURI", "HTTP_MAX_BYTES", "WSLOG_MAX_LINE", "WSLOG_SPLIT_MARK", "WSLOG_MAX_FRAME",
+    "WSLOG_MAX_HANDSHAKE",
     "UPGRADE_MAX_BYTES",
     # external services (AxeOS, OpenObserve)
     "pid2url", "axeos_info", "axeos_restart", "o2_history", "restart", "wslog",
@@ -168,9 +169,12 @@ class MQbtTConfigError(MQbtTError, ValueError):
 # ST, DCS/SOS/PM/APC strings up to ST, and any other ESC sequence.  Their
 # parameter classes exclude ESC, so a sequence nested in another never
 # matches as one: its ESC is caught by the control-character branch below.
+# String bodies exclude every C1 character too: otherwise each of n
+# introducers in a row ("\x9d" * n) scans to the end: quadratic (20,000
+# characters took 5 s).
 _ESCAPE_SEQUENCE = (r"(?:\x1b\[|\x9b)[0-?]*[ -/]*[@-~]"
-                    r"|(?:\x1b\]|\x9d)[^\x07\x1b\x9c]*(?:\x07|\x1b\\|\x9c)"
-                    r"|(?:\x1b[PX^_]|[\x90\x98\x9e\x9f])[^\x1b\x9c]*(?:\x1b\\|\x9c)"
+                    r"|(?:\x1b\]|\x9d)[^\x07\x1b\x80-\x9f]*(?:\x07|\x1b\\|\x9c)"
+                    r"|(?:\x1b[PX^_]|[\x90\x98\x9e\x9f])[^\x1b\x80-\x9f]*(?:\x1b\\|\x9c)"
                     r"|\x1b[ -/]*[0-~]")
 # C0 controls but tab, DEL, C1 controls, the bidirectional marks, embeddings,
 # overrides and isolates ("Trojan Source"), line/paragraph separators, and
@@ -786,6 +790,12 @@ class BrokerURI:
         text = uri.strip()
         shown = _redact(text)
         scheme, userinfo, rest = _split_userinfo(text)
+        if userinfo is not None and "@" in userinfo and any(
+                c in userinfo[userinfo.index("@"):] for c in "/?#"):
+            # "bob:pw@host/p@th": password "pw" for host, or "pw@host/p" for "th"?  Guessing
+            # wrong sends the password to another host: refuse, say how to write it
+            raise ValueError(f"invalid broker URI {shown!r}: ambiguous '@' (write it %40 in a "
+                             "path or option; in a password, write / ? # as %2F %3F %23 or @ as %40)")
         if scheme is None:
             scheme = "mqtt"
         try:
@@ -854,7 +864,7 @@ class BrokerURI:
     def __str__(self):
         user = ""
         if self.username is not None:
-            user = self.username + (":***" if self.password is not None else "") + "@"
+            user = safe_text(self.username) + (":***" if self.password is not None else "") + "@"
         host = f"[{self.host}]" if ":" in self.host else self.host
         path = self.path if self.transport == "websockets" else ""
         return f"{self.scheme}://{user}{host}:{self.port}{path}"
@@ -964,6 +974,17 @@ def _tls_context(b: "BrokerURI"):
     def no_passphrase():
         raise _Encrypted()
 
+    import stat
+    for what, path in (("CA file", b.cafile), ("client certificate", b.certfile),
+                       ("client key", b.keyfile)):
+        try:
+            mode = os.stat(path).st_mode if path else None
+        except OSError:
+            continue  # missing or unreadable: reported by the load below
+        if mode is not None and not stat.S_ISREG(mode):
+            # OpenSSL would block for good on a FIFO, or read a device without end
+            raise MQbtTConnectionError(f"cannot use the {what} {safe_text(path)} of {b}: "
+                                       "not a regular file")
     try:
         ctx = ssl.create_default_context(cafile=b.cafile)
     except (OSError, ssl.SSLError) as err:
@@ -4508,10 +4529,15 @@ def _config():
     path = config_path()
     cp = configparser.ConfigParser(interpolation=None)
     cp.optionxform = str  # pair ids are case-sensitive
+    import stat
     try:
-        with open(path, "rb") as f:
-            data = f.read((1 << 20) + 1)
+        # O_NONBLOCK: a FIFO (or a device) must not hang the open; only regular files are read
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with open(fd, "rb") as f:
             mode = os.fstat(f.fileno()).st_mode
+            if not stat.S_ISREG(mode):
+                raise MQbtTConfigError(f"invalid configuration file {path}: not a regular file", path)
+            data = f.read((1 << 20) + 1)
     except FileNotFoundError:
         if os.environ.get("MQBTT_CONFIG"):
             raise MQbtTConfigError(f"configuration file {path} (from $MQBTT_CONFIG) does not "
@@ -4523,9 +4549,9 @@ def _config():
     if len(data) > 1 << 20:
         raise MQbtTConfigError(f"invalid configuration file {path}: larger than 1 MiB", path)
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")  # a byte order mark (Windows editors) is not content
     except UnicodeDecodeError as err:
-        lineno = data.count(b"\n", 0, err.start) + 1
+        lineno = err.object.count(b"\n", 0, err.start) + 1  # (the object has no BOM)
         raise MQbtTConfigError(f"invalid configuration file {path}, line {lineno}: "
                                "not UTF-8 text", path, lineno) from None
     try:
@@ -4595,7 +4621,8 @@ def _base_url(text: str, what: str) -> str:
     except ValueError as err:
         raise ValueError(f"invalid {what} {_redact(text)!r}: {err}") from None
     if (u.scheme.lower() not in ("http", "https") or not u.hostname
-            or any(c.isspace() for c in u.netloc)):
+            or any(c.isspace() or c == "\\" for c in u.netloc) or not u.netloc.isprintable()):
+        # (a backslash ends the host for urllib3, not for urlsplit: "u:pw\\x@h" is host "u")
         raise ValueError(f"invalid {what} {_redact(text)!r}: an IP address, host, host:port "
                          "or http(s):// URL is expected")
     return f"{u.scheme.lower()}://{u.netloc}{u.path.rstrip('/')}"
@@ -4670,7 +4697,15 @@ def _http(method: str, url: str, what: str, *, timeout=None, auth=None, json_bod
                                    f"({reason}){hint}") from None
             raise APIException(f"{what}: {where}: cannot connect ({reason})") from None
         raise APIException(f"{what}: {where}: {type(err).__name__}: "
-                           f"{safe_text(' '.join(str(err).split())[:200])}") from None
+                           f"{safe_text(_scrub_url(' '.join(str(err).split()), url)[:200])}") from None
+
+
+def _scrub_url(text: str, url: str) -> str:
+    """*text* (an error message that may quote *url*) with *url*'s password hidden."""
+    text = text.replace(url, _redact(url))
+    _, userinfo, _ = _split_userinfo(url)
+    password = userinfo.partition(":")[2] if userinfo else ""
+    return text.replace(password, "***") if password else text
 
 
 def _snippet(r, limit: int = 200) -> str:
@@ -4785,7 +4820,7 @@ def _o2_answer(r, s: _O2Settings, where: str) -> None:
         answer = None
     if not 200 <= r.status_code < 300:
         detail = answer.get("message") or answer.get("error") if isinstance(answer, dict) else None
-        raise APIException(f"{what}: {where}: HTTP {r.status_code} {r.reason or ''}".rstrip()
+        raise APIException(f"{what}: {where}: HTTP {r.status_code} {safe_text(r.reason or '')}".rstrip()
                            + f" ({safe_text(' '.join(str(detail).split())[:200]) if detail else _snippet(r)})")
     if not isinstance(answer, dict):
         raise APIException(f"{what}: {where}: the answer is not a JSON object "
@@ -4795,7 +4830,8 @@ def _o2_answer(r, s: _O2Settings, where: str) -> None:
                            f"{safe_text(' '.join(str(answer['error']).split())[:200])}")
     if answer.get("code", 200) != 200:
         raise APIException(f"{what}: {where}: OpenObserve answered code {answer.get('code')}"
-                           + (f" ({safe_text(answer['message'])})" if answer.get("message") else ""))
+                           + (f" ({safe_text(' '.join(str(answer['message']).split())[:200])})"
+                              if answer.get("message") else ""))
     status = answer.get("status")
     if not isinstance(status, list) or not all(isinstance(x, dict) for x in status):
         raise APIException(f"{what}: {where}: the answer has no per-stream status "
@@ -4958,6 +4994,53 @@ WSLOG_MAX_LINE = 16384
 #: What ends each piece of a line that :func:`wslog` had to split.
 WSLOG_SPLIT_MARK = " [mqbtt: line split]"
 
+#: The largest websocket frame :func:`wslog` accepts, in bytes (AxeOS sends
+#: one log line per frame); a larger one drops the connection, which is then
+#: re-established as after any loss.  Fragments of a message are taken one
+#: frame at a time, never reassembled, so a message without end stays bounded.
+WSLOG_MAX_FRAME = 1 << 20
+
+
+#: The largest websocket handshake answer :func:`wslog` reads, in bytes
+#: (AxeOS sends about 150); websocket-client reads header lines of any length.
+WSLOG_MAX_HANDSHAKE = 64 << 10
+
+
+class _HandshakeSocket:
+    """A socket that refuses to receive more than *limit* bytes: given to
+    websocket-client for the handshake only."""
+
+    def __init__(self, sock, limit: int):
+        self._sock, self._left = sock, limit
+
+    def recv(self, bufsize, *args):
+        import websocket
+        data = self._sock.recv(bufsize, *args)
+        self._left -= len(data)
+        if self._left < 0:
+            raise websocket.WebSocketException(
+                f"handshake answer larger than {WSLOG_MAX_HANDSHAKE} bytes")
+        return data
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
+
+
+def _bound_ws_frames(ws, limit: int) -> None:
+    """Make the websocket-client connection *ws* refuse, from its header, a
+    frame longer than *limit* bytes (websocket-client would read a frame of
+    any announced length into memory)."""
+    import websocket
+    frames = ws.frame_buffer
+    recv_length = frames.recv_length
+
+    def bounded_length():
+        recv_length()
+        if frames.length is not None and frames.length > limit:
+            raise websocket.WebSocketProtocolException(
+                f"a frame of {frames.length} bytes, more than {limit} (mqbtt.WSLOG_MAX_FRAME)")
+    frames.recv_length = bounded_length
+
 
 def _ws_socket(url: str, deadline: "_Deadline"):
     """The connected (for ``wss``, TLS-wrapped) socket for the websocket
@@ -5086,11 +5169,16 @@ def wslog(pid: str, path: str, *, duration: float | None = None, stop=None,
                 ws = None
                 deadline = _Deadline(connect_timeout)  # the handshake's total deadline
                 try:
+                    sock = _ws_socket(url, deadline)
                     ws = websocket.create_connection(url, timeout=connect_timeout,
                                                      suppress_origin=True,
                                                      skip_utf8_validation=True,
                                                      redirect_limit=0,  # no redirect followed
-                                                     socket=_ws_socket(url, deadline))
+                                                     fire_cont_frame=True,  # fragments one by one
+                                                     socket=_HandshakeSocket(
+                                                         sock, WSLOG_MAX_HANDSHAKE))
+                    ws.sock = sock   # the handshake is over: the plain socket again
+                    _bound_ws_frames(ws, WSLOG_MAX_FRAME)
                 except websocket.WebSocketBadStatusException as err:
                     code = err.status_code
                     if code == 401:
@@ -5121,6 +5209,7 @@ def wslog(pid: str, path: str, *, duration: float | None = None, stop=None,
                     got_data = False
                     decoder = codecs.getincrementaldecoder("utf-8")("replace")
                     reason = "closed by the device"
+                    broken = False   # after a receive error the stream is unusable: no closing handshake
                     try:
                         ws.settimeout(0.5)
                         while not stopping():
@@ -5133,12 +5222,14 @@ def wslog(pid: str, path: str, *, duration: float | None = None, stop=None,
                             got_data = True
                             take_lines(decoder.decode(data if isinstance(data, bytes) else data.encode()))
                     except (OSError, websocket.WebSocketException) as err:
-                        reason = " ".join(str(err).split())[:200] or type(err).__name__
+                        reason = safe_text(" ".join(str(err).split())[:200] or type(err).__name__)
+                        broken = True
                     finally:
                         pending += decoder.decode(b"", final=True)
                         decoder = None
                         try:
-                            ws.close(timeout=1)
+                            if not broken:   # (close() reads on: the rest of a refused frame)
+                                ws.close(timeout=1)
                         except Exception:
                             pass
                         finally:
@@ -5302,11 +5393,23 @@ def _check_release_url(url: str) -> None:
     download can be replaced on the way, checksum included."""
     import ipaddress
     from urllib.parse import urlsplit
+    from urllib3.util import parse_url
     try:
         u = urlsplit(url)
         scheme, host = u.scheme.lower(), (u.hostname or "")
+        # the host requests (urllib3) will connect to must be the one checked here:
+        # "http://evil.example\\@127.0.0.1/" is 127.0.0.1 to urlsplit, evil.example to urllib3
+        connects_to = (parse_url(url).host or "").strip("[]").lower()
     except ValueError:
-        raise MQbtTError(f"invalid release URL {_redact(url)!r}") from None
+        raise MQbtTError(f"invalid release URL {safe_text(_redact(url))!r}") from None
+    expected = host.lower().replace("%25", "%")   # (an IPv6 zone: urllib3 decodes it)
+    try:
+        expected = expected.encode("idna").decode("ascii")   # (urllib3 IDNA-encodes)
+    except UnicodeError:
+        pass
+    if not url.isprintable() or any(c.isspace() for c in url) or connects_to != expected:
+        raise MQbtTError(f"invalid release URL {safe_text(_redact(url))!r}: its host is ambiguous "
+                         "(a backslash, space or control character in it)")
     if scheme == "https" and host:
         return
     if scheme == "http" and host:
@@ -5367,18 +5470,27 @@ def _zip_version(path: str) -> str:
     import re
     import zipfile
     pattern = re.compile(rb"^(?:VERSION|__version__) = (['\"])([0-9][0-9A-Za-z.+_-]{0,63})\1\s*$", re.M)
+    found = {}
     try:
         with zipfile.ZipFile(path) as z:
             for name in ("site-packages/mqbtt_boot.py", "site-packages/mqbtt.py"):
                 try:
                     with z.open(name) as f:
-                        m = pattern.search(f.read(4 << 20))   # bounded: no zip bomb
+                        versions = {m.group(2).decode("ascii")   # bounded read: no zip bomb
+                                    for m in pattern.finditer(f.read(4 << 20))}
                 except KeyError:
                     continue
-                if m:
-                    return m.group(2).decode("ascii")
+                if versions:
+                    found[name] = versions
     except (OSError, zipfile.BadZipFile, RuntimeError, ValueError, EOFError) as err:
         raise MQbtTError(f"cannot read the version of {path}: {safe_text(err)}") from None
+    # what --version prints (mqbtt_boot.py) and what runs (mqbtt.py) must agree
+    versions = set().union(*found.values())
+    if len(versions) > 1:
+        raise MQbtTError(f"{path} holds inconsistent versions ("
+                         + "; ".join(f"{n}: {', '.join(sorted(v))}" for n, v in found.items()) + ")")
+    if versions:
+        return versions.pop()
     raise MQbtTError(f"{path} is not an mqbtt zipapp: it has no site-packages/mqbtt_boot.py "
                      "or mqbtt.py with a version")
 
@@ -5389,7 +5501,10 @@ def _zipapp_version(path: str, timeout: float = 120) -> str:
     import subprocess
     import tempfile
     with tempfile.TemporaryDirectory(prefix="mqbtt-upgrade-") as root:
-        env = dict(os.environ, SHIV_ROOT=root)
+        # no MQBTT_* variable: $MQBTT_PASSWORD, $MQBTT_O2_PASSWORD, a URI with a password
+        # in $MQBTT_BROKER are nothing a downloaded file needs to print its version
+        env = {k: v for k, v in os.environ.items() if not k.upper().startswith("MQBTT_")}
+        env["SHIV_ROOT"] = root
         for var in ("SHIV_ENTRY_POINT", "SHIV_MODULE", "SHIV_CONSOLE_SCRIPT", "SHIV_INTERPRETER"):
             env.pop(var, None)
         try:
@@ -5491,7 +5606,9 @@ def upgrade(target: str, url: str | None = None, check: bool = False,
             raise MQbtTError(f"{shown}/mqbtt.pyz is not a zipapp (no #! line or not a zip file)")
         try:
             available = _zip_version(tmp)
-        except MQbtTError:
+        except MQbtTError as err:
+            if "inconsistent versions" in str(err):
+                raise MQbtTError(f"{shown}/mqbtt.pyz{str(err).split(tmp, 1)[-1]}; nothing changed") from None
             raise MQbtTError(f"{shown}/mqbtt.pyz is not an mqbtt zipapp (no version in it)") from None
         if check or _version_key(available) <= _version_key(installed):
             return installed, available, False

@@ -34,7 +34,7 @@ import threading
 import time
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -169,10 +169,17 @@ def test_fuzz_broker_uris_never_show_the_password():
        scheme=st.sampled_from(["mqtt", "mqtts", "ws", "wss"]))
 def test_hypothesis_any_password_parses_and_is_hidden(user, password, scheme):
     uri = f"{scheme}://{user}:{password}@127.0.0.1:1883/mqtt"
+    userinfo = f"{user}:{password}"
+    if "@" in userinfo and any(c in userinfo[userinfo.index("@"):] for c in "/?#"):
+        # ambiguous (an '@' then a '/', '?' or '#'): refused, see test_review2.py
+        with pytest.raises(ValueError, match="ambiguous") as e:
+            mqbtt.BrokerURI.parse(uri, environ={})
+        assert ":***@127.0.0.1" in str(e.value)
+        return
     b = mqbtt.BrokerURI.parse(uri, environ={})
     assert (b.username, b.password, b.host, b.port) == (user, password, "127.0.0.1", 1883)
     path = "/mqtt" if scheme.startswith("ws") else ""
-    assert str(b) == f"{scheme}://{user}:***@127.0.0.1:1883{path}"
+    assert str(b) == f"{scheme}://{mqbtt.safe_text(user)}:***@127.0.0.1:1883{path}"
     assert mqbtt._redact(uri) == f"{scheme}://{user}:***@127.0.0.1:1883/mqtt"
     assert "password=" not in repr(b)
 
@@ -251,7 +258,9 @@ def test_environment_credentials_from_the_command_line(auth_broker):
                          stderr=subprocess.PIPE, text=True)
     try:
         assert "listening" in p.stderr.readline()
-        with mqbtt.MQbtTMiner(f"mqtt://envuser:{ENV_PASSWORD}@127.0.0.1:{port}", "envcli") as m:
+        # percent-encoded: an unencoded '@' then '#' is ambiguous (refused, see test_review2.py)
+        with mqbtt.MQbtTMiner(f"mqtt://envuser:{quote(ENV_PASSWORD, safe='')}@127.0.0.1:{port}",
+                              "envcli") as m:
             m.send_log("I (1) hello")
             out, err = p.communicate(timeout=30)
     finally:
