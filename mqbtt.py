@@ -2153,6 +2153,19 @@ def _utc(ts: float):
     return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc)
 
 
+def _usable_ts(value) -> float | None:
+    """*value* (a timestamp read from a database row) as seconds since the
+    epoch, or None when it is not a time a datetime can hold (text, NULL,
+    NaN, 1e300 ... from a row another tool wrote)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            _utc(value)
+            return float(value)
+        except (OverflowError, OSError, ValueError):
+            return None
+    return None
+
+
 def _epoch(value, name="timestamp") -> float:
     """Seconds since the epoch of a datetime (naive = local time, as
     :meth:`datetime.datetime.timestamp` does) or of a number."""
@@ -2635,14 +2648,19 @@ class MQbtTDataBase:
         out = {}
         for pid, sub, n, first, last in rows:
             p = out.setdefault(pid, dict({"messages": 0}, **{s: 0 for s in SUBTOPICS},
-                                         first_timestamp=first, last_timestamp=last))
+                                         first_timestamp=None, last_timestamp=None))
             p["messages"] += n
             p[sub] = p.get(sub, 0) + n
-            p["first_timestamp"] = min(p["first_timestamp"], first)
-            p["last_timestamp"] = max(p["last_timestamp"], last)
+            # a bad row (text, NULL or huge timestamp written by another tool) has no time
+            first, last = _usable_ts(first), _usable_ts(last)
+            if first is not None:
+                p["first_timestamp"] = first if p["first_timestamp"] is None else min(p["first_timestamp"], first)
+            if last is not None:
+                p["last_timestamp"] = last if p["last_timestamp"] is None else max(p["last_timestamp"], last)
         for p in out.values():
-            p["first"], p["last"] = _utc(p["first_timestamp"]), _utc(p["last_timestamp"])
-        return dict(sorted(out.items()))
+            p["first"], p["last"] = (None if t is None else _utc(t)
+                                     for t in (p["first_timestamp"], p["last_timestamp"]))
+        return dict(sorted(out.items(), key=lambda kv: str(kv[0])))
 
     def info(self) -> dict:
         """:meth:`summary` of every pair, with the totals and the file's size.
@@ -3818,8 +3836,11 @@ def replay_plan(db_path: str, pair_id: str, min_timestamp=None, max_timestamp=No
                             f"to {_iso_utc(whole['last_timestamp'])}")
 
 
-def _iso_utc(ts: float) -> str:
-    """ISO 8601 in UTC with microseconds: ``2026-12-01T10:00:00.250000+00:00``."""
+def _iso_utc(ts: float | None) -> str:
+    """ISO 8601 in UTC with microseconds: ``2026-12-01T10:00:00.250000+00:00``
+    (``unknown`` for None: rows without a usable time)."""
+    if ts is None:
+        return "unknown"
     return _utc(ts).isoformat(timespec="microseconds")
 
 

@@ -151,7 +151,7 @@ def test_cli_numbers_and_paths_are_usage_errors(argv, capsys, tmp_path, monkeypa
     assert mqbtt.main(argv, prog="mqbtt") == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
-    assert err.strip().splitlines()[-1].startswith(f"mqbtt_{argv[0]}: error: argument ")
+    assert err.strip().splitlines()[-1].startswith(f"mqbtt {argv[0]}: error: argument ")
     assert os.listdir(tmp_path) == []   # nothing created
 
 
@@ -181,7 +181,7 @@ def test_readers_never_create_a_missing_database(tmp_path, capsys):
             read()
     db.close()
     assert mqbtt.main(["replay", "--db", str(path), "--pid", "p", "--broker",
-                       "mqtt://127.0.0.1:1"], prog="mqbtt") == 1
+                       "mqtt://127.0.0.1:1"], prog="mqbtt") == 2   # a usage error, as in test_cli
     assert "no such database" in capsys.readouterr().err
     out = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "db2logs.py"), str(path),
                           "p"], capture_output=True, text=True, timeout=60)
