@@ -2105,6 +2105,18 @@ def _row_time(ts):
         return None
 
 
+def _db_order(v):
+    """Sort key of a stored timestamp as SQL orders it: numbers, then NaN
+    (PostgreSQL: greater than any number), then text, then bytes; NULL first."""
+    if v is None:
+        return (-1, 0)
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return (1, 0) if v != v else (0, v)
+    if isinstance(v, str):
+        return (2, v)
+    return (3, bytes(v))
+
+
 def _row_payload(payload) -> bytes:
     """The bytes of a stored message: a BLOB as it is, TEXT as UTF-8, a
     number or NULL (written by another tool) as its text / empty."""
@@ -2567,10 +2579,12 @@ class MQbtTDataBase:
                                          first_timestamp=first, last_timestamp=last))
             p["messages"] += n
             p[sub] = p.get(sub, 0) + n
-            p["first_timestamp"] = min(p["first_timestamp"], first)
-            p["last_timestamp"] = max(p["last_timestamp"], last)
+            # bad rows of other tools (NaN, text, NULL): ordered as the database does
+            p["first_timestamp"] = min(p["first_timestamp"], first, key=_db_order)
+            p["last_timestamp"] = max(p["last_timestamp"], last, key=_db_order)
         for p in out.values():
-            p["first"], p["last"] = _utc(p["first_timestamp"]), _utc(p["last_timestamp"])
+            # None when not a usable time (NaN, infinity, 1e300, text)
+            p["first"], p["last"] = _row_time(p["first_timestamp"]), _row_time(p["last_timestamp"])
         return dict(sorted(out.items()))
 
     def info(self) -> dict:
@@ -3317,7 +3331,8 @@ def replay(db_path: str, broker_uri: str, pair_id: str, to_pid: str | None = Non
     db_path = _check_db_path(db_path)
     plan = replay_plan(db_path, pair_id, min_timestamp, max_timestamp)
     total, t_last = plan["messages"], plan["last_timestamp"]
-    if max_timestamp is None:   # what was counted, even if a recorder adds more meanwhile
+    if max_timestamp is None and t_last.__class__ in (int, float):
+        # what was counted, even if a recorder adds more meanwhile (not a text of a bad row)
         max_timestamp = t_last
     # opened before connecting: a file that is not a database is reported first
     db = MQbtTDataBase(db_path)
@@ -3376,10 +3391,13 @@ def replay(db_path: str, broker_uri: str, pair_id: str, to_pid: str | None = Non
                                          "broker's acknowledgement")
                 n += 1
                 if progress is not None:
-                    if speed > 0:
+                    if speed > 0 and ts is not None and t_last.__class__ is float \
+                            and abs(t_last - ts) < 1e18:   # not a bad row's time (NaN, inf)
                         eta = (t_last - ts) / speed
-                    else:
+                    elif m0 is not None:
                         eta = (time.monotonic() - m0) / n * (total - n)
+                    else:   # no usable time seen yet
+                        eta = 0.0
                     progress(n, total, max(0.0, eta))
                 if qos == 2:
                     # the broker forwards a QoS 2 message only on PUBREL: without
@@ -3740,9 +3758,11 @@ def replay_plan(db_path: str, pair_id: str, min_timestamp=None, max_timestamp=No
                                 f"{_list_pairs(db.pair_ids())}")
         lo = "the start" if min_timestamp is None else _iso_utc(_epoch(min_timestamp))
         hi = "the end" if max_timestamp is None else _iso_utc(_epoch(max_timestamp))
+        first, last = (t.isoformat(timespec="microseconds") if t is not None else "(no time)"
+                       for t in (whole["first"], whole["last"]))
         raise MQbtTNotFound(f"pair {_show_pair(pair_id)} has no messages between {lo} and {hi} "
-                            f"in {_redact_db(db_path)}; its messages go from {_iso_utc(whole['first_timestamp'])} "
-                            f"to {_iso_utc(whole['last_timestamp'])}")
+                            f"in {_redact_db(db_path)}; its messages go from {first} "
+                            f"to {last}")
 
 
 def _iso_utc(ts: float) -> str:
@@ -3782,11 +3802,18 @@ def _iso_utc_fast(ts: float) -> str:
 
 
 def _export_row(rec) -> dict:
-    ts = rec.__dict__.get("_ts")
-    if ts is None:
-        ts = rec.timestamp.timestamp()
+    d = rec.__dict__
+    if "_ts" in d:
+        ts = d["_ts"]
+    else:
+        ts = None if rec.timestamp is None else rec.timestamp.timestamp()
+    if ts.__class__ is float and -62135596800.0 <= ts < 253402300800.0:   # years 1-9999
+        when = _iso_utc_fast(ts)
+    else:   # a bad row of another tool (NaN, infinity, 1e300, text, NULL): no time
+        when = _row_time(ts)
+        when = None if when is None else when.isoformat(timespec="microseconds")
     sub = rec.subtopic
-    row = {"time": _iso_utc_fast(ts), "timestamp": ts, "pair_id": rec.pair_id, "subtopic": sub}
+    row = {"time": when, "timestamp": ts, "pair_id": rec.pair_id, "subtopic": sub}
     message = rec.message
     if message is None:
         row["payload"] = bytes(rec.payload).hex()
@@ -4063,6 +4090,13 @@ class _PGConnection:
         psycopg = _psycopg()
         self._url, self.display = url, display
         self._secret = _pg_password(url)
+        rest = url.split("://", 1)[-1]
+        userinfo = rest[:rest.rfind("@")] if "@" in rest else ""
+        if ":" in userinfo and "?" not in userinfo and ("@" in userinfo or "/" in userinfo):
+            # libpq ends the user info at the first '@' or '/': the rest of the
+            # password would become the host or database name (and show in errors)
+            raise MQbtTError(f"cannot open the database {display}: the password in the URL must be "
+                             "percent-encoded ('@' as %40, '/' as %2F)")
         self._error = psycopg.Error
         self._timeout = connect_timeout
         self._pg = self._connect(autocommit=True)
@@ -4171,6 +4205,11 @@ class _PGConnection:
                 except self._error:
                     self._reader.close()
                     self._reader = None
+
+    @property
+    def in_transaction(self) -> bool:
+        """Whether a transaction is open (as sqlite3.Connection.in_transaction)."""
+        return self._pg.info.transaction_status in (2, 3)   # INTRANS, INERROR
 
     def claim(self, key: str, what: str, wait: float = 3.0):
         """Hold a session advisory lock on *key* for the life of this
@@ -4306,6 +4345,8 @@ def copy(src: str, dst: str, *, chunk: int = 50000, progress=None) -> tuple:
         key, first_id = _source_key(s)
         if key is None:
             return 0, 0
+        with d._lock:
+            d._check_writable()   # a new SQLite file is created here; a read-only one refused
         dpg = d.backend == "postgresql"
         try:
             d._conn.execute(_COPIES_SCHEMA)
@@ -6681,8 +6722,8 @@ def _replay_cli(a, to) -> int:
             old[sig] = signal.signal(sig, lambda signum, frame: stop.set())
         state["total"] = plan["messages"]
         print(f"mqbtt replay: publishing {plan['messages']} messages of pair {_show_pair(a.pid)} "
-              f"of {_redact_db(a.db)} ({_iso_utc(plan['first_timestamp'])} to "
-              f"{_iso_utc(plan['last_timestamp'])}) as {_show_pair(to)} at speed {a.speed:g}",
+              f"of {_redact_db(a.db)} ({_info_time(plan['first']) or '(no time)'} to "
+              f"{_info_time(plan['last']) or '(no time)'}) as {_show_pair(to)} at speed {a.speed:g}",
               file=sys.stderr, flush=True)
 
     def progress(n, total, eta):
@@ -6740,8 +6781,8 @@ def _cmd_info(argv):
         info = db.info()
     if a.json:
         import json
-        info = dict(info, pairs={pid: {k: (_iso_utc(s[k + "_timestamp"]) if k in ("first", "last")
-                                          else v) for k, v in s.items()}
+        info = dict(info, pairs={pid: {k: (_info_time(s[k]) if k in ("first", "last")
+                                          else _json_float(v)) for k, v in s.items()}
                                  for pid, s in info["pairs"].items()})
         print(json.dumps(info, ensure_ascii=False))
         return 0
@@ -6760,8 +6801,14 @@ def _cmd_info(argv):
               + f"  {'first (UTC)':<32}  last (UTC)")
         for pid, s in pairs.items():
             print(f"{names[pid]:<{w}}  " + "  ".join(f"{s[c]:>{cw[c]}}" for c in counts)
-                  + f"  {_iso_utc(s['first_timestamp']):<32}  {_iso_utc(s['last_timestamp'])}")
+                  + f"  {_info_time(s['first']) or '(no time)':<32}  "
+                  f"{_info_time(s['last']) or '(no time)'}")
     return 0
+
+
+def _info_time(when):
+    """ISO 8601 of a summary's first/last datetime (None: a bad row's time)."""
+    return None if when is None else when.isoformat(timespec="microseconds")
 
 
 def _cmd_export(argv):

@@ -1,0 +1,148 @@
+"""Review of issue 14 merged with 12 and 13: PostgreSQL recordings under info,
+export, replay and copy; bad rows written by other tools; passwords.
+
+Real parts only: the private PostgreSQL of test_postgres (initdb/pg_ctl),
+a private Mosquitto (conftest), real ``python3 mqbtt.py`` subprocesses.
+"""
+import json
+import os
+import time
+
+import psycopg
+import pytest
+
+import mqbtt
+from mqbtt import MQbtTDataBase, MQbtTError, Request
+from test_postgres import pg, pg_url, run_cli  # noqa: F401 - fixtures
+
+SECRET = "Zq9SecretWord"
+
+
+def bad_rows(url):
+    """A recording with rows another tool wrote: NaN/infinite/huge times,
+    an unknown subtopic, empty and garbage payloads, odd pair ids."""
+    with MQbtTDataBase(url) as db:      # creates the table; closing must not raise
+        assert db.backend == "postgresql"
+    t = time.time()
+    good = Request(timestamp_min=1, timestamp_max=2, nonce_start=1, nonce_size=4).to_bytes()
+    rows = [(t, "p1", "srv", good), (t + 0.1, "p1", "esp", b"garbage\xff"),
+            (t + 0.2, "p1", "log", b""), (t + 0.3, "p1", "shr", b"\xff\xfe"),
+            (t, "p2", "xyz", b"hello"), (t, "", "shr", b"\x00\x01"),
+            (t, "we ird\u202e\x1b[31m", "srv", b""),
+            (float("nan"), "p3", "srv", good), (float("inf"), "p3", "esp", b"x"),
+            (1e300, "p3", "log", b"x"), (-1e300, "p3", "shr", b"x"),
+            (float("-inf"), "p3", "srv", b"x")]
+    with psycopg.connect(url, autocommit=True) as c:
+        c.execute("ALTER TABLE messages DROP CONSTRAINT messages_subtopic_check")
+        with c.cursor() as cur:
+            cur.executemany("INSERT INTO messages (timestamp, pair_id, subtopic, message) "
+                            "VALUES (%s, %s, %s, %s)", rows)
+    return rows
+
+
+def test_close_commit_and_bad_rows_on_postgresql(pg_url):
+    rows = bad_rows(pg_url)
+    db = MQbtTDataBase(pg_url)
+    try:
+        assert db.commit() == 0                  # was AttributeError: in_transaction
+        recs = list(db.records())
+        assert len(recs) == len(rows)
+        assert sum(r.timestamp is None for r in recs) == 5
+        assert list(db.records(pair_id="p3", desc=True))[0].timestamp is None
+        assert len(list(db.logs())) == 2
+        pairs = list(mqbtt.request_reply_pairs(db.records(pair_id="p3")))
+        assert all(lat is None for _, _, lat in pairs)
+        s = db.summary()
+        assert s["p3"]["messages"] == 5 and s["p3"]["first"] is None and s["p3"]["last"] is None
+        assert s["p1"]["first"] is not None
+    finally:
+        db.close()
+    db.close()
+    plan = mqbtt.replay_plan(pg_url, "p3")
+    assert plan["messages"] == 5
+    with pytest.raises(mqbtt.MQbtTNotFound) as e:
+        mqbtt.replay_plan(pg_url, "p1", min_timestamp=1.0, max_timestamp=2.0)
+    assert SECRET not in str(e.value) and "its messages go from" in str(e.value)
+
+
+def test_info_and_export_cli_on_bad_postgresql_rows(pg_url):
+    bad_rows(pg_url)
+    r = run_cli("info", "--db", pg_url)
+    assert r.returncode == 0, r.stderr
+    assert "(no time)" in r.stdout and "12 messages" in r.stdout
+    r = run_cli("info", "--json", "--db", pg_url)
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)                 # strict JSON: no bare NaN
+    assert info["pairs"]["p3"]["first"] is None and info["messages"] == 12
+    r = run_cli("export", "--db", pg_url)
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(x) for x in r.stdout.splitlines()]
+    assert len(lines) == 12 and sum(x["time"] is None for x in lines) == 5
+    r = run_cli("export", "--format", "csv", "--db", pg_url)
+    assert r.returncode == 0 and len(r.stdout.splitlines()) == 13, r.stderr
+    assert pg_url.split(":")[2].split("@")[0] not in r.stdout + r.stderr   # the password
+
+
+def test_replay_cli_of_rows_without_time(broker, pg_url):
+    bad_rows(pg_url)
+    got = []
+    with mqbtt.MQbtTMiner(broker.uri, "p3") as miner:
+        r = run_cli("replay", "--broker", broker.uri, "--db", pg_url, "--pid", "p3", timeout=120)
+        assert r.returncode == 0, r.stderr
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not got:
+            try:
+                got.append(miner.receive_request(timeout=1))
+            except Exception:
+                pass
+    assert got, "the request of p3 (NaN time) was not replayed"
+    assert "***" in r.stdout + r.stderr and pg_url.split(":")[2].split("@")[0] not in r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("password", ["p@ss" + SECRET, "pa/ss" + SECRET, SECRET + "@", "x/" + SECRET])
+def test_unencoded_password_never_shown(pg, password):
+    url = f"postgresql://mqbtt:{password}@127.0.0.1:{pg.port}/postgres"
+    for cmd in (["info", "--db", url], ["export", "--db", url],
+                ["replay", "--broker", "mqtt://127.0.0.1:1", "--pid", "p", "--db", url],
+                ["copy", url, os.devnull + ".r4-none.db"]):
+        r = run_cli(*cmd, timeout=60)
+        out = r.stdout + r.stderr
+        assert r.returncode in (1, 2) and len(out.strip().splitlines()) == 1, (cmd, out)
+        assert SECRET not in out and "Traceback" not in out, (cmd, out)
+    with pytest.raises(MQbtTError) as e:
+        MQbtTDataBase(url)
+    assert SECRET not in str(e.value)
+
+
+def test_copy_into_a_new_sqlite_file_then_incremental(pg, pg_url, tmp_path):
+    a = pg_url
+    with MQbtTDataBase(a) as db:
+        for i in range(10):
+            db.insert(mqbtt.MQbtTRecord(pair_id="a", subtopic="log", timestamp=1e9 + i,
+                                        payload=b"line %d" % i))
+    dst = str(tmp_path / "new.db")
+    assert mqbtt.copy(a, dst) == (10, 0)         # was AttributeError (lazy SQLite creation)
+    assert mqbtt.copy(a, dst) == (0, 10)
+    with MQbtTDataBase(a) as db:
+        for i in range(10, 13):
+            db.insert(mqbtt.MQbtTRecord(pair_id="a", subtopic="log", timestamp=1e9 + i,
+                                        payload=b"line %d" % i))
+    assert mqbtt.copy(a, dst) == (3, 10)
+    # a destination that already holds other rows: they stay, ours are added once
+    other = pg.create_db("r4other")
+    with MQbtTDataBase(other) as db:
+        db.insert(mqbtt.MQbtTRecord(pair_id="b", subtopic="log", timestamp=5.0, payload=b"x"))
+    r = run_cli("copy", dst, other)
+    assert r.returncode == 0, r.stderr
+    assert run_cli("copy", dst, other).returncode == 0
+    with MQbtTDataBase(other) as db:
+        assert db.count() == 14 and db.count("b") == 1 and db.count("a") == 13
+    # the same database under other spellings is refused, in one line
+    host_port = pg_url.split("@", 1)[1]
+    for same in (pg_url.replace("postgresql://", "postgres://"),
+                 pg_url.replace("127.0.0.1", "localhost"), pg_url + "?sslmode=disable"):
+        r = run_cli("copy", pg_url, same)
+        assert r.returncode == 1 and "same database" in r.stderr and host_port.split("/")[0] in r.stderr
+        assert len(r.stderr.splitlines()) == 1 and pg.password not in r.stderr
+    r = run_cli("copy", dst, str(tmp_path / ".." / tmp_path.name / "new.db"))
+    assert r.returncode == 1 and "same database" in r.stderr
