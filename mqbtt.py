@@ -2336,10 +2336,6 @@ class MQbtTDataBase:
         self._closed = False
         #: whether the database could only be opened read-only (read-only media)
         self.read_only = False
-        if os.path.exists(self.path):
-            self._conn, self.read_only = _sqlite_open(self.path, create=False)
-        # else: created by the first insert, so that a mistyped path given
-        # for reading raises "no such database" instead of making an empty one
         #: ``"sqlite"`` or ``"postgresql"`` (a ``postgresql://`` URL; see _PGConnection)
         self.backend = "sqlite"
         if is_pg_url(self.path):

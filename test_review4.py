@@ -146,3 +146,40 @@ def test_copy_into_a_new_sqlite_file_then_incremental(pg, pg_url, tmp_path):
         assert len(r.stderr.splitlines()) == 1 and pg.password not in r.stderr
     r = run_cli("copy", dst, str(tmp_path / ".." / tmp_path.name / "new.db"))
     assert r.returncode == 1 and "same database" in r.stderr
+
+
+def test_sqlite_open_close_leaves_no_wal_and_a_moved_source_copies(pg_url, tmp_path):
+    """The merge opened every existing SQLite file twice (one connection
+    leaked): its WAL stayed behind and a renamed source gave 'disk I/O error'."""
+    from test_postgres import make_sqlite
+    a = str(tmp_path / "a.db")
+    make_sqlite(a, 50, pairs=2)
+    db = MQbtTDataBase(a)
+    assert db.count() == 50
+    db.close()
+    assert sorted(os.listdir(tmp_path)) == ["a.db"]
+    assert mqbtt.copy(a, pg_url) == (50, 0)
+    assert sorted(os.listdir(tmp_path)) == ["a.db"]
+    moved = str(tmp_path / "moved.db")
+    os.rename(a, moved)
+    assert mqbtt.copy(moved, pg_url) == (0, 50)
+
+
+def test_record_share_and_pid_together_on_postgresql(broker, pg, pg_url):
+    import signal
+    from test_postgres import Proc, mqbtt_cmd, pg_rows, session, wait_for
+    rec = Proc(mqbtt_cmd("record", "--broker", broker.uri, "--db", pg_url, "--share", "grp",
+                         "--pid", "p1"))
+    try:
+        line = rec.wait_err(r"^mqbtt record: recording ")
+        assert "$share/grp/mqbtt/p1/" in line and pg.password not in line
+        sent = session(broker, "p1", n=3)
+        session(broker, "p2", n=2)
+        wait_for(lambda: len(pg_rows(pg_url)) >= len(sent), 30, "p1's messages")
+        rec.p.send_signal(signal.SIGINT)
+        assert rec.wait(30) == 0
+    finally:
+        rec.kill()
+    assert {r[0] for r in pg_rows(pg_url)} == {"p1"}
+    assert len(pg_rows(pg_url)) == len(sent)
+    assert all(pg.password not in x for x in rec.err + rec.out)
