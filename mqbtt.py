@@ -4084,9 +4084,10 @@ class _PGConnection:
 
     def __init__(self, url: str, display: str, connect_timeout: float = 10.0):
         psycopg = _psycopg()
+        scheme, rest = url.split("://", 1)
+        url = scheme.lower() + "://" + rest    # libpq knows the lowercase schemes only
         self._url, self.display = url, display
         self._secret = _pg_password(url)
-        rest = url.split("://", 1)[-1]
         userinfo = rest[:rest.rfind("@")] if "@" in rest else ""
         if ":" in userinfo and "?" not in userinfo and ("@" in userinfo or "/" in userinfo):
             # libpq ends the user info at the first '@' or '/': the rest of the

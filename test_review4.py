@@ -183,3 +183,53 @@ def test_record_share_and_pid_together_on_postgresql(broker, pg, pg_url):
     assert {r[0] for r in pg_rows(pg_url)} == {"p1"}
     assert len(pg_rows(pg_url)) == len(sent)
     assert all(pg.password not in x for x in rec.err + rec.out)
+
+
+def test_hostile_urls_one_line_no_secret_no_hang(pg, broker, tmp_path):
+    import socket
+    silent = socket.socket()            # accepts, never answers: the connect timeout ends it
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(5)
+    p = pg.port
+    urls = [f"postgresql://mqbtt:{SECRET}@127.0.0.1:1/x",
+            f"postgresql://mqbtt:{SECRET}@127.0.0.1:99999/x",
+            f"postgresql://mqbtt:{SECRET}@127.0.0.1:abc/x",
+            f"postgresql://mqbtt:{SECRET}@127.0.0.1:{p}/postgres?sslmode=require",
+            f"postgresql://mqbtt:{SECRET}@127.0.0.1:{p}/postgres?sslmode=bogus",
+            f"postgresql://mqbtt:{SECRET}@%2Fnonexistent%2Fdir:{p}/x",
+            f"postgresql://mqbtt@127.0.0.1:{p}/x?password={SECRET}&host=/nonexistent",
+            f"postgresql://mqbtt:{SECRET}@[::1]:{p}/x",
+            f"postgresql://mqbtt:{SECRET}@[::1/x",
+            f"postgresql://mqbtt:%zz{SECRET}@127.0.0.1:{p}/x",
+            f"postgresql://mqbtt:{SECRET[:4]}%20{SECRET[4:]}@127.0.0.1:{p}/x",
+            f"postgresql://mqbtt:{SECRET} x@127.0.0.1:{p}/x",
+            f"postgresql://mqbtt:{SECRET}@127.0.0.1:{p},127.0.0.1:1/x",
+            f"postgresql://mqbtt:{SECRET}@127.0.0.1:{p}/x?bogus=1",
+            f"postgres://mqbtt:{SECRET}@127.0.0.1:{silent.getsockname()[1]}/x"]
+    try:
+        for url in urls:
+            cmds = [["info", "--db", url], ["export", "--db", url],
+                    ["replay", "--broker", broker.uri, "--pid", "p", "--db", url],
+                    ["copy", url, str(tmp_path / "c.db")],
+                    ["record", "--broker", broker.uri, "--db", url]]
+            if url is urls[-1]:       # 10 s each: one command is enough
+                cmds = cmds[:1]
+            for cmd in cmds:
+                t0 = time.monotonic()
+                r = run_cli(*cmd, timeout=60)
+                out = r.stdout + r.stderr
+                assert r.returncode == 1, (cmd, out)
+                assert len(out.strip().splitlines()) == 1 and "Traceback" not in out, (cmd, out)
+                assert SECRET not in out and SECRET[4:] not in out, (cmd, out)
+                assert time.monotonic() - t0 < 40
+    finally:
+        silent.close()
+    assert not os.path.exists(tmp_path / "c.db")
+
+
+def test_uppercase_scheme_connects(pg, pg_url):
+    bad_rows(pg_url)
+    url = "POSTGRESQL" + pg_url[len("postgresql"):]
+    r = run_cli("info", "--db", url)
+    assert r.returncode == 0 and "12 messages" in r.stdout, r.stderr
+    assert pg.password not in r.stdout + r.stderr
