@@ -3724,6 +3724,9 @@ def open_recording(path) -> "MQbtTDataBase":
             raise MQbtTNotFound(f"{path} is not a recording ({err})") from None
         if not found:
             raise MQbtTNotFound(f"{path} is not a recording (no messages table)")
+    elif is_pg_url(path) and not _pg_is_recording(path):
+        # a reader never creates the table (as it never creates a SQLite file)
+        raise MQbtTNotFound(f"{_redact_db(path)} is not a recording (no messages table)")
     return MQbtTDataBase(path)
 
 
@@ -4263,6 +4266,16 @@ def check_share_group(group) -> str:
     return group
 
 
+def _pg_is_recording(url: str) -> bool:
+    """Whether the PostgreSQL database *url* has a ``messages`` table (without
+    creating it, unlike :class:`MQbtTDataBase`); MQbtTError if unreachable."""
+    conn = _PGConnection(url, _redact_db(url))
+    try:
+        return conn.execute("SELECT to_regclass('messages')").fetchone()[0] is not None
+    finally:
+        conn.close()
+
+
 def _claim_pg_recorder(db, client_id: str) -> None:
     """One recorder per client id on a PostgreSQL database: hold an advisory
     lock named after the client id for the recorder's life (released by the
@@ -4333,6 +4346,8 @@ def copy(src: str, dst: str, *, chunk: int = 50000, progress=None) -> tuple:
             raise ValueError(f"the {name} database must be a file path or a postgresql:// URL")
     if not is_pg_url(src) and not os.path.isfile(src):
         raise MQbtTError(f"no such database: {src}")
+    if is_pg_url(src) and not _pg_is_recording(src):   # never create the source's table
+        raise MQbtTError(f"{_redact_db(src)} is not a recording (no messages table)")
     if _db_identity(src) == _db_identity(dst) or (
             not is_pg_url(src) and not is_pg_url(dst) and os.path.exists(dst)
             and os.path.samefile(src, dst)):

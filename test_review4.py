@@ -233,3 +233,19 @@ def test_uppercase_scheme_connects(pg, pg_url):
     r = run_cli("info", "--db", url)
     assert r.returncode == 0 and "12 messages" in r.stdout, r.stderr
     assert pg.password not in r.stdout + r.stderr
+
+
+def test_readers_never_create_the_table(pg, pg_url, broker, tmp_path):
+    """info/export/replay/copy SRC on a database without recording: one line,
+    and the database is left as it was (like a SQLite path that does not exist)."""
+    for cmd, rc in ((["info", "--db", pg_url], 2), (["export", "--db", pg_url], 2),
+                    (["replay", "--broker", broker.uri, "--pid", "p", "--db", pg_url], 2),
+                    (["copy", pg_url, str(tmp_path / "d.db")], 1)):
+        r = run_cli(*cmd)
+        assert r.returncode == rc and "is not a recording" in r.stderr, (cmd, r.stderr)
+        assert len(r.stderr.splitlines()) == 1 and pg.password not in r.stderr
+    with psycopg.connect(pg_url) as c:
+        assert c.execute("SELECT to_regclass('messages')").fetchone()[0] is None
+    assert not os.path.exists(tmp_path / "d.db")
+    with pytest.raises(mqbtt.MQbtTNotFound):
+        mqbtt.open_recording(pg_url)
