@@ -2928,7 +2928,8 @@ class Recorder:
         if self._db.backend == "postgresql":
             _claim_pg_recorder(self._db, self.client_id)
         #: messages the database held when the recorder started
-        self.db_total_before = self._db.count()
+        self.db_total_before = 0 if self._db._conn is None and not os.path.exists(self.db_path) \
+            else self._db.count()   # a new SQLite file is created once connected
 
     @property
     def total(self) -> int:

@@ -249,3 +249,26 @@ def test_readers_never_create_the_table(pg, pg_url, broker, tmp_path):
     assert not os.path.exists(tmp_path / "d.db")
     with pytest.raises(mqbtt.MQbtTNotFound):
         mqbtt.open_recording(pg_url)
+
+
+def test_record_into_a_new_sqlite_file(broker, tmp_path):
+    """The merge made `mqbtt record --db NEW.db` fail ("no such database"):
+    the recorder counted the rows of a file created only once connected."""
+    import signal
+    from test_postgres import Proc, mqbtt_cmd, session, wait_for
+    path = str(tmp_path / "new.db")
+    rec = Proc(mqbtt_cmd("record", "--broker", broker.uri, "--db", path))
+    try:
+        rec.wait_err(r"^mqbtt record: recording ")
+        sent = session(broker, "n1", n=2)
+        def stored():
+            if not os.path.exists(path):
+                return False
+            with MQbtTDataBase(path) as db:
+                return db.count() >= len(sent)
+        wait_for(stored, 30, "the messages in the new file")
+        rec.p.send_signal(signal.SIGINT)
+        assert rec.wait(30) == 0
+    finally:
+        rec.kill()
+    assert any(f", {len(sent)} in the database" in x for x in rec.err), rec.err
