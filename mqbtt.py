@@ -4366,6 +4366,10 @@ def copy(src: str, dst: str, *, chunk: int = 50000, progress=None) -> tuple:
             mark = d._conn.execute("SELECT last_id FROM mqbtt_copies WHERE source = ?",
                                    (key,)).fetchone()
             start = mark[0] if mark else first_id - 1
+            if mark is None and _source_key(d)[0] == key:
+                # *dst* holds the same recording (the origin of *src*, or a
+                # copy with its ids): only rows after its last id are new
+                start = max(start, d._conn.execute("SELECT max(id) FROM messages").fetchone()[0])
             keep_ids = mark is None and d._conn.execute(
                 "SELECT 1 FROM messages LIMIT 1").fetchone() is None
             if keep_ids and dpg and not d._conn.can_set_ids():

@@ -272,3 +272,22 @@ def test_record_into_a_new_sqlite_file(broker, tmp_path):
     finally:
         rec.kill()
     assert any(f", {len(sent)} in the database" in x for x in rec.err), rec.err
+
+
+def test_copy_back_into_the_origin_adds_nothing(pg_url, tmp_path):
+    """copy A B then copy B A used to double A (B's rows looked new to A)."""
+    from test_postgres import make_sqlite
+    a = str(tmp_path / "a.db")
+    make_sqlite(a, 100, pairs=2)
+    assert mqbtt.copy(a, pg_url) == (100, 0)
+    assert mqbtt.copy(pg_url, a) == (0, 100)
+    with psycopg.connect(pg_url, autocommit=True) as c:   # B grows (another recorder)
+        c.execute("INSERT INTO messages (timestamp, pair_id, subtopic, message) "
+                  "VALUES (2e9, 'new', 'log', '\\x00')")
+    assert mqbtt.copy(pg_url, a) == (1, 100)
+    assert mqbtt.copy(pg_url, a) == (0, 101)
+    with MQbtTDataBase(a) as db:
+        assert db.count() == 101 and db.count("new") == 1
+    b = str(tmp_path / "b.db")
+    assert mqbtt.copy(a, b) == (101, 0)
+    assert mqbtt.copy(b, a) == (0, 101)
