@@ -3136,6 +3136,10 @@ def record(broker_uri: str, db_path: str, exclude=(), client_id: str | None = No
         rec.stop()
         if not rec._recording:   # still connecting: give up at once
             raise KeyboardInterrupt
+        if rec._db.backend == "postgresql" and signal.SIGALRM not in old:
+            # a server that stopped answering must not hold the recorder for ever
+            old[signal.SIGALRM] = signal.signal(signal.SIGALRM, _pg_watchdog(rec._db._conn))
+            signal.setitimer(signal.ITIMER_REAL, 0.5, 0.5)
 
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -3143,6 +3147,8 @@ def record(broker_uri: str, db_path: str, exclude=(), client_id: str | None = No
     try:
         return rec.run()
     finally:
+        if signal.SIGALRM in old:
+            signal.setitimer(signal.ITIMER_REAL, 0)
         for sig, handler in old.items():
             signal.signal(sig, handler)
 
@@ -4102,6 +4108,8 @@ class _PGConnection:
         self._timeout = connect_timeout
         self._pg = self._connect(autocommit=True)
         self._reader = None
+        #: monotonic time when the write in progress started (0: none)
+        self.busy = 0
         self._streams = 0
         self._names = 0
         self._rlock = threading.Lock()
@@ -4168,6 +4176,7 @@ class _PGConnection:
     def insert_rows(self, rows):
         """Insert ``(timestamp, pair_id, subtopic, payload)`` rows and commit:
         one statement (one round trip, atomic in autocommit mode) per 1000 rows."""
+        self.busy = time.monotonic()   # for _pg_watchdog
         try:
             if len(rows) <= 1000:
                 self._pg.execute(_pg_insert_sql(len(rows)), [v for r in rows for v in r])
@@ -4178,6 +4187,11 @@ class _PGConnection:
                     self._pg.execute(_pg_insert_sql(len(part)), [v for r in part for v in r])
         except self._error as err:
             raise self._fail(err, "write to") from None
+        except KeyboardInterrupt:
+            raise MQbtTError(f"cannot write to the database {self.display}: it did not answer "
+                             "(stopped; what was not stored was not acknowledged)") from None
+        finally:
+            self.busy = 0
 
     def stream(self, sql, params=()):
         """Run a SELECT through a server-side cursor; return a cursor whose
@@ -4265,6 +4279,21 @@ def check_share_group(group) -> str:
         raise ValueError(f"the share group {group!r} must not contain {bad[0]!r} "
                          "(no '/', '+', '#' or control characters)")
     return group
+
+
+def _pg_watchdog(conn, grace: float = 2.0):
+    """A SIGALRM handler (armed by :func:`record` once asked to stop): a write
+    to the PostgreSQL connection *conn* still waiting for the server after
+    *grace* seconds is interrupted (psycopg then cancels it and closes the
+    connection; nothing of it was acknowledged, so the broker keeps it)."""
+    def on_alarm(signum, frame):
+        since = conn.busy
+        if since and time.monotonic() - since >= grace:
+            conn.busy = 0
+            import logging
+            logging.getLogger("psycopg").setLevel(logging.ERROR)   # our one line says it
+            raise KeyboardInterrupt
+    return on_alarm
 
 
 def _pg_is_recording(url: str) -> bool:

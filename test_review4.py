@@ -291,3 +291,53 @@ def test_copy_back_into_the_origin_adds_nothing(pg_url, tmp_path):
     b = str(tmp_path / "b.db")
     assert mqbtt.copy(a, b) == (101, 0)
     assert mqbtt.copy(b, a) == (0, 101)
+
+
+def test_recorder_stops_when_postgresql_hangs(broker):
+    """A server that stops answering (SIGSTOP) under a recorder: SIGINT used
+    to wait for ever (and SIGTERM too); now the write is interrupted: one
+    line, exit 1, and nothing is lost after the server and the recorder return."""
+    import signal
+    import subprocess
+    from local_postgres import LocalPostgres
+    from test_postgres import pg_rows, record_into, wait_for
+    own = LocalPostgres().start()
+    rec = None
+    stopped = []
+    try:
+        url = own.create_db("hang")
+        rec = record_into(broker, url, "--client-id", "hang-1")
+        with mqbtt.MQbtTMiner(broker.uri, "h1") as m:
+            m.send_log("before")
+            wait_for(lambda: len(pg_rows(url)) == 1, 20, "the first message stored")
+            ppid = int(open(os.path.join(own.data, "postmaster.pid")).readline())
+            kids = subprocess.run(["ps", "-o", "pid=", "--ppid", str(ppid)], capture_output=True,
+                                  text=True).stdout.split()
+            for pid in [ppid, *map(int, kids)]:
+                os.kill(pid, signal.SIGSTOP)
+                stopped.append(pid)
+            m.send_log("while stuck")
+            time.sleep(1.0)   # the recorder is now waiting for the server's answer
+        t0 = time.monotonic()
+        rec.p.send_signal(signal.SIGINT)
+        assert rec.wait(40) == 1
+        assert time.monotonic() - t0 < 30
+        err = "\n".join(rec.err)
+        assert own.password not in err and "Traceback" not in err
+        assert [x for x in rec.err if not x.startswith("mqbtt record: recording")] == [
+            x for x in rec.err if x.startswith("mqbtt record: error: ")] and "did not answer" in err
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+        stopped.clear()
+        rec = record_into(broker, url, "--client-id", "hang-1")
+        wait_for(lambda: {bytes(r[2]) for r in pg_rows(url)} == {b"before", b"while stuck"}, 30,
+                 "the message sent while the server hung")
+        rec.p.send_signal(signal.SIGTERM)
+        assert rec.wait(30) == 0
+        assert len(pg_rows(url)) <= 3     # at most the interrupted batch twice
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+        if rec is not None:
+            rec.kill()
+        own.cleanup()
