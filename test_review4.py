@@ -214,6 +214,8 @@ def test_hostile_urls_one_line_no_secret_no_hang(pg, broker, tmp_path):
                     ["record", "--broker", broker.uri, "--db", url]]
             if url is urls[-1]:       # 10 s each: one command is enough
                 cmds = cmds[:1]
+            elif url not in (urls[0], urls[9], urls[11]):   # every command on a few
+                cmds = cmds[:1]       # info on the others
             for cmd in cmds:
                 t0 = time.monotonic()
                 r = run_cli(*cmd, timeout=60)
