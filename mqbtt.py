@@ -2153,19 +2153,6 @@ def _utc(ts: float):
     return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc)
 
 
-def _usable_ts(value) -> float | None:
-    """*value* (a timestamp read from a database row) as seconds since the
-    epoch, or None when it is not a time a datetime can hold (text, NULL,
-    NaN, 1e300 ... from a row another tool wrote)."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        try:
-            _utc(value)
-            return float(value)
-        except (OverflowError, OSError, ValueError):
-            return None
-    return None
-
-
 def _epoch(value, name="timestamp") -> float:
     """Seconds since the epoch of a datetime (naive = local time, as
     :meth:`datetime.datetime.timestamp` does) or of a number."""
@@ -2191,6 +2178,18 @@ def _row_time(ts):
         return _utc(float(ts))
     except (OverflowError, OSError, ValueError):
         return None
+
+
+def _db_order(v):
+    """Sort key of a stored timestamp as SQL orders it: numbers, then NaN
+    (PostgreSQL: greater than any number), then text, then bytes; NULL first."""
+    if v is None:
+        return (-1, 0)
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return (1, 0) if v != v else (0, v)
+    if isinstance(v, str):
+        return (2, v)
+    return (3, bytes(v))
 
 
 def _row_payload(payload) -> bytes:
@@ -2651,16 +2650,13 @@ class MQbtTDataBase:
                                          first_timestamp=None, last_timestamp=None))
             p["messages"] += n
             p[sub] = p.get(sub, 0) + n
-            # a bad row (text, NULL or huge timestamp written by another tool) has no time
-            first, last = _usable_ts(first), _usable_ts(last)
-            if first is not None:
-                p["first_timestamp"] = first if p["first_timestamp"] is None else min(p["first_timestamp"], first)
-            if last is not None:
-                p["last_timestamp"] = last if p["last_timestamp"] is None else max(p["last_timestamp"], last)
+            # bad rows of other tools (NaN, text, NULL): ordered as the database does
+            p["first_timestamp"] = min(p["first_timestamp"], first, key=_db_order)
+            p["last_timestamp"] = max(p["last_timestamp"], last, key=_db_order)
         for p in out.values():
-            p["first"], p["last"] = (None if t is None else _utc(t)
-                                     for t in (p["first_timestamp"], p["last_timestamp"]))
-        return dict(sorted(out.items(), key=lambda kv: str(kv[0])))
+            # None when not a usable time (NaN, infinity, 1e300, text)
+            p["first"], p["last"] = _row_time(p["first_timestamp"]), _row_time(p["last_timestamp"])
+        return dict(sorted(out.items()))
 
     def info(self) -> dict:
         """:meth:`summary` of every pair, with the totals and the file's size.
@@ -3216,6 +3212,10 @@ def record(broker_uri: str, db_path: str, exclude=(), client_id: str | None = No
         rec.stop()
         if not rec._recording:   # still connecting: give up at once
             raise KeyboardInterrupt
+        if rec._db.backend == "postgresql" and signal.SIGALRM not in old:
+            # a server that stopped answering must not hold the recorder for ever
+            old[signal.SIGALRM] = signal.signal(signal.SIGALRM, _pg_watchdog(rec._db._conn))
+            signal.setitimer(signal.ITIMER_REAL, 0.5, 0.5)
 
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -3223,6 +3223,8 @@ def record(broker_uri: str, db_path: str, exclude=(), client_id: str | None = No
     try:
         return rec.run()
     finally:
+        if signal.SIGALRM in old:
+            signal.setitimer(signal.ITIMER_REAL, 0)
         for sig, handler in old.items():
             signal.signal(sig, handler)
 
@@ -3408,7 +3410,8 @@ def replay(db_path: str, broker_uri: str, pair_id: str, to_pid: str | None = Non
     db_path = _check_db_path(db_path)
     plan = replay_plan(db_path, pair_id, min_timestamp, max_timestamp)
     total, t_last = plan["messages"], plan["last_timestamp"]
-    if max_timestamp is None:   # what was counted, even if a recorder adds more meanwhile
+    if max_timestamp is None and t_last.__class__ in (int, float):
+        # what was counted, even if a recorder adds more meanwhile (not a text of a bad row)
         max_timestamp = t_last
     # opened before connecting: a file that is not a database is reported first
     db = MQbtTDataBase(db_path)
@@ -3467,10 +3470,13 @@ def replay(db_path: str, broker_uri: str, pair_id: str, to_pid: str | None = Non
                                          "broker's acknowledgement")
                 n += 1
                 if progress is not None:
-                    if speed > 0:
+                    if speed > 0 and ts is not None and t_last.__class__ is float \
+                            and abs(t_last - ts) < 1e18:   # not a bad row's time (NaN, inf)
                         eta = (t_last - ts) / speed
-                    else:
+                    elif m0 is not None:
                         eta = (time.monotonic() - m0) / n * (total - n)
+                    else:   # no usable time seen yet
+                        eta = 0.0
                     progress(n, total, max(0.0, eta))
                 if qos == 2:
                     # the broker forwards a QoS 2 message only on PUBREL: without
@@ -3801,6 +3807,9 @@ def open_recording(path) -> "MQbtTDataBase":
             raise MQbtTNotFound(f"{path} is not a recording ({err})") from None
         if not found:
             raise MQbtTNotFound(f"{path} is not a recording (no messages table)")
+    elif is_pg_url(path) and not _pg_is_recording(path):
+        # a reader never creates the table (as it never creates a SQLite file)
+        raise MQbtTNotFound(f"{_redact_db(path)} is not a recording (no messages table)")
     return MQbtTDataBase(path)
 
 
@@ -3831,9 +3840,11 @@ def replay_plan(db_path: str, pair_id: str, min_timestamp=None, max_timestamp=No
                                 f"{_list_pairs(db.pair_ids())}")
         lo = "the start" if min_timestamp is None else _iso_utc(_epoch(min_timestamp))
         hi = "the end" if max_timestamp is None else _iso_utc(_epoch(max_timestamp))
+        first, last = (t.isoformat(timespec="microseconds") if t is not None else "(no time)"
+                       for t in (whole["first"], whole["last"]))
         raise MQbtTNotFound(f"pair {_show_pair(pair_id)} has no messages between {lo} and {hi} "
-                            f"in {_redact_db(db_path)}; its messages go from {_iso_utc(whole['first_timestamp'])} "
-                            f"to {_iso_utc(whole['last_timestamp'])}")
+                            f"in {_redact_db(db_path)}; its messages go from {first} "
+                            f"to {last}")
 
 
 def _iso_utc(ts: float | None) -> str:
@@ -3876,11 +3887,18 @@ def _iso_utc_fast(ts: float) -> str:
 
 
 def _export_row(rec) -> dict:
-    ts = rec.__dict__.get("_ts")
-    if ts is None:
-        ts = rec.timestamp.timestamp()
+    d = rec.__dict__
+    if "_ts" in d:
+        ts = d["_ts"]
+    else:
+        ts = None if rec.timestamp is None else rec.timestamp.timestamp()
+    if ts.__class__ is float and -62135596800.0 <= ts < 253402300800.0:   # years 1-9999
+        when = _iso_utc_fast(ts)
+    else:   # a bad row of another tool (NaN, infinity, 1e300, text, NULL): no time
+        when = _row_time(ts)
+        when = None if when is None else when.isoformat(timespec="microseconds")
     sub = rec.subtopic
-    row = {"time": _iso_utc_fast(ts), "timestamp": ts, "pair_id": rec.pair_id, "subtopic": sub}
+    row = {"time": when, "timestamp": ts, "pair_id": rec.pair_id, "subtopic": sub}
     message = rec.message
     if message is None:
         row["payload"] = bytes(rec.payload).hex()
@@ -4155,12 +4173,22 @@ class _PGConnection:
 
     def __init__(self, url: str, display: str, connect_timeout: float = 10.0):
         psycopg = _psycopg()
+        scheme, rest = url.split("://", 1)
+        url = scheme.lower() + "://" + rest    # libpq knows the lowercase schemes only
         self._url, self.display = url, display
         self._secret = _pg_password(url)
+        userinfo = rest[:rest.rfind("@")] if "@" in rest else ""
+        if ":" in userinfo and "?" not in userinfo and ("@" in userinfo or "/" in userinfo):
+            # libpq ends the user info at the first '@' or '/': the rest of the
+            # password would become the host or database name (and show in errors)
+            raise MQbtTError(f"cannot open the database {display}: the password in the URL must be "
+                             "percent-encoded ('@' as %40, '/' as %2F)")
         self._error = psycopg.Error
         self._timeout = connect_timeout
         self._pg = self._connect(autocommit=True)
         self._reader = None
+        #: monotonic time when the write in progress started (0: none)
+        self.busy = 0
         self._streams = 0
         self._names = 0
         self._rlock = threading.Lock()
@@ -4181,11 +4209,6 @@ class _PGConnection:
         return MQbtTError(f"cannot {what} the database {self.display}: {_pg_message(err, self._secret)}")
 
     # -- the sqlite3.Connection surface ------------------------------------------
-    @property
-    def in_transaction(self) -> bool:
-        """As sqlite3's: whether a ``BEGIN`` is open (libpq's status is not IDLE)."""
-        return self._pg.info.transaction_status != 0
-
     def execute(self, sql, params=()):
         q = _pg_sql(sql)
         # sqlite3's lastrowid of an INSERT into messages: RETURNING id
@@ -4232,6 +4255,7 @@ class _PGConnection:
     def insert_rows(self, rows):
         """Insert ``(timestamp, pair_id, subtopic, payload)`` rows and commit:
         one statement (one round trip, atomic in autocommit mode) per 1000 rows."""
+        self.busy = time.monotonic()   # for _pg_watchdog
         try:
             if len(rows) <= 1000:
                 self._pg.execute(_pg_insert_sql(len(rows)), [v for r in rows for v in r])
@@ -4242,6 +4266,11 @@ class _PGConnection:
                     self._pg.execute(_pg_insert_sql(len(part)), [v for r in part for v in r])
         except self._error as err:
             raise self._fail(err, "write to") from None
+        except KeyboardInterrupt:
+            raise MQbtTError(f"cannot write to the database {self.display}: it did not answer "
+                             "(stopped; what was not stored was not acknowledged)") from None
+        finally:
+            self.busy = 0
 
     def stream(self, sql, params=()):
         """Run a SELECT through a server-side cursor; return a cursor whose
@@ -4270,6 +4299,11 @@ class _PGConnection:
                 except self._error:
                     self._reader.close()
                     self._reader = None
+
+    @property
+    def in_transaction(self) -> bool:
+        """Whether a transaction is open (as sqlite3.Connection.in_transaction)."""
+        return self._pg.info.transaction_status in (2, 3)   # INTRANS, INERROR
 
     def claim(self, key: str, what: str, wait: float = 3.0):
         """Hold a session advisory lock on *key* for the life of this
@@ -4324,6 +4358,31 @@ def check_share_group(group) -> str:
         raise ValueError(f"the share group {group!r} must not contain {bad[0]!r} "
                          "(no '/', '+', '#' or control characters)")
     return group
+
+
+def _pg_watchdog(conn, grace: float = 2.0):
+    """A SIGALRM handler (armed by :func:`record` once asked to stop): a write
+    to the PostgreSQL connection *conn* still waiting for the server after
+    *grace* seconds is interrupted (psycopg then cancels it and closes the
+    connection; nothing of it was acknowledged, so the broker keeps it)."""
+    def on_alarm(signum, frame):
+        since = conn.busy
+        if since and time.monotonic() - since >= grace:
+            conn.busy = 0
+            import logging
+            logging.getLogger("psycopg").setLevel(logging.ERROR)   # our one line says it
+            raise KeyboardInterrupt
+    return on_alarm
+
+
+def _pg_is_recording(url: str) -> bool:
+    """Whether the PostgreSQL database *url* has a ``messages`` table (without
+    creating it, unlike :class:`MQbtTDataBase`); MQbtTError if unreachable."""
+    conn = _PGConnection(url, _redact_db(url))
+    try:
+        return conn.execute("SELECT to_regclass('messages')").fetchone()[0] is not None
+    finally:
+        conn.close()
 
 
 def _claim_pg_recorder(db, client_id: str) -> None:
@@ -4396,6 +4455,8 @@ def copy(src: str, dst: str, *, chunk: int = 50000, progress=None) -> tuple:
             raise ValueError(f"the {name} database must be a file path or a postgresql:// URL")
     if not is_pg_url(src) and not os.path.isfile(src):
         raise MQbtTError(f"no such database: {src}")
+    if is_pg_url(src) and not _pg_is_recording(src):   # never create the source's table
+        raise MQbtTError(f"{_redact_db(src)} is not a recording (no messages table)")
     if _db_identity(src) == _db_identity(dst) or (
             not is_pg_url(src) and not is_pg_url(dst) and os.path.exists(dst)
             and os.path.samefile(src, dst)):
@@ -4407,12 +4468,18 @@ def copy(src: str, dst: str, *, chunk: int = 50000, progress=None) -> tuple:
         key, first_id = _source_key(s)
         if key is None:
             return 0, 0
+        with d._lock:
+            d._check_writable()   # a new SQLite file is created here; a read-only one refused
         dpg = d.backend == "postgresql"
         try:
             d._conn.execute(_COPIES_SCHEMA)
             mark = d._conn.execute("SELECT last_id FROM mqbtt_copies WHERE source = ?",
                                    (key,)).fetchone()
             start = mark[0] if mark else first_id - 1
+            if mark is None and _source_key(d)[0] == key:
+                # *dst* holds the same recording (the origin of *src*, or a
+                # copy with its ids): only rows after its last id are new
+                start = max(start, d._conn.execute("SELECT max(id) FROM messages").fetchone()[0])
             keep_ids = mark is None and d._conn.execute(
                 "SELECT 1 FROM messages LIMIT 1").fetchone() is None
             if keep_ids and dpg and not d._conn.can_set_ids():
@@ -6875,8 +6942,8 @@ def _replay_cli(a, to) -> int:
             old[sig] = signal.signal(sig, lambda signum, frame: stop.set())
         state["total"] = plan["messages"]
         print(f"mqbtt replay: publishing {plan['messages']} messages of pair {_show_pair(a.pid)} "
-              f"of {_redact_db(a.db)} ({_iso_utc(plan['first_timestamp'])} to "
-              f"{_iso_utc(plan['last_timestamp'])}) as {_show_pair(to)} at speed {a.speed:g}",
+              f"of {_redact_db(a.db)} ({_info_time(plan['first']) or '(no time)'} to "
+              f"{_info_time(plan['last']) or '(no time)'}) as {_show_pair(to)} at speed {a.speed:g}",
               file=sys.stderr, flush=True)
 
     def progress(n, total, eta):
@@ -6934,8 +7001,8 @@ def _cmd_info(argv):
         info = db.info()
     if a.json:
         import json
-        info = dict(info, pairs={pid: {k: (_iso_utc(s[k + "_timestamp"]) if k in ("first", "last")
-                                          else v) for k, v in s.items()}
+        info = dict(info, pairs={pid: {k: (_info_time(s[k]) if k in ("first", "last")
+                                          else _json_float(v)) for k, v in s.items()}
                                  for pid, s in info["pairs"].items()})
         print(json.dumps(info, ensure_ascii=False))
         return 0
@@ -6954,8 +7021,14 @@ def _cmd_info(argv):
               + f"  {'first (UTC)':<32}  last (UTC)")
         for pid, s in pairs.items():
             print(f"{names[pid]:<{w}}  " + "  ".join(f"{s[c]:>{cw[c]}}" for c in counts)
-                  + f"  {_iso_utc(s['first_timestamp']):<32}  {_iso_utc(s['last_timestamp'])}")
+                  + f"  {_info_time(s['first']) or '(no time)':<32}  "
+                  f"{_info_time(s['last']) or '(no time)'}")
     return 0
+
+
+def _info_time(when):
+    """ISO 8601 of a summary's first/last datetime (None: a bad row's time)."""
+    return None if when is None else when.isoformat(timespec="microseconds")
 
 
 def _cmd_export(argv):

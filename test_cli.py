@@ -108,6 +108,7 @@ class PtyProc:
 def make_db(path, rows):
     """A recording made of (pair_id, subtopic, timestamp, payload) rows."""
     with MQbtTDataBase(str(path)) as db:
+        db._check_writable()   # an empty recording too (files are created by the first write)
         for pid, sub, ts, payload in rows:
             db.insert(MQbtTRecord(pair_id=pid, subtopic=sub, timestamp=ts, payload=payload))
     return str(path)

@@ -582,7 +582,8 @@ def test_copy_idempotent_and_incremental(pg, pg_url, tmp_path):
     assert not os.path.exists(str(tmp_path / "missing.db"))
     # an empty source copies nothing and leaves the destination alone
     empty = str(tmp_path / "empty.db")
-    MQbtTDataBase(empty).close()
+    with MQbtTDataBase(empty) as db:
+        db._check_writable()   # a SQLite file is created by the first write (issue 12)
     assert mqbtt.copy(empty, back) == (0, 0)
 
 
