@@ -2105,6 +2105,12 @@ def _row_time(ts):
         return None
 
 
+def _usable_ts(ts):
+    """*ts* as seconds since the epoch if it is a usable stored time (see
+    :func:`_row_time`), else None."""
+    return float(ts) if _row_time(ts) is not None else None
+
+
 def _row_payload(payload) -> bytes:
     """The bytes of a stored message: a BLOB as it is, TEXT as UTF-8, a
     number or NULL (written by another tool) as its text / empty."""
@@ -2211,7 +2217,7 @@ def _check_db_path(path) -> str:
     return path
 
 
-def _sqlite_open(path: str, create: bool):
+def _sqlite_open(path: str, create: bool, read_only: bool = False):
     """``(connection, read_only)`` for the SQLite database *path*.
 
     A database that exists but cannot be written (read-only file, directory
@@ -2221,7 +2227,7 @@ def _sqlite_open(path: str, create: bool):
     import sqlite3
     from urllib.parse import quote
     writable = os.access(path, os.W_OK) and os.access(os.path.dirname(os.path.abspath(path)), os.W_OK)
-    if not create and not writable:
+    if not create and (read_only or not writable):
         uri = "file:" + quote(os.path.abspath(path))
         last = None
         for mode in ("?mode=ro", "?immutable=1"):
@@ -2292,6 +2298,9 @@ class MQbtTDataBase:
     :param batch_timeout: ...or when the oldest uncommitted record is this many
       seconds old, whichever comes first (a timer commits even if no further
       record is inserted).  :meth:`close` commits what is left.
+    :param read_only: open an existing SQLite database read-only, changing
+      nothing in it (:func:`open_recording` does so for a database that is
+      not in WAL mode, e.g. one written by another tool).
 
     Timestamps are stored as UTC seconds since the epoch and returned as
     timezone-aware UTC datetimes.  Datetimes given as filters may be aware
@@ -2308,7 +2317,8 @@ class MQbtTDataBase:
     documentation also spells it ``MQbtTDatabase``: both names work.
     """
 
-    def __init__(self, path: str, batch_size: int = 100, batch_timeout: float = 10.0):
+    def __init__(self, path: str, batch_size: int = 100, batch_timeout: float = 10.0, *,
+                 read_only: bool = False):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, not {batch_size!r}")
         if not isinstance(batch_timeout, (int, float)) or batch_timeout < 0:
@@ -2324,10 +2334,6 @@ class MQbtTDataBase:
         self._closed = False
         #: whether the database could only be opened read-only (read-only media)
         self.read_only = False
-        if os.path.exists(self.path):
-            self._conn, self.read_only = _sqlite_open(self.path, create=False)
-        # else: created by the first insert, so that a mistyped path given
-        # for reading raises "no such database" instead of making an empty one
         #: ``"sqlite"`` or ``"postgresql"`` (a ``postgresql://`` URL; see _PGConnection)
         self.backend = "sqlite"
         if is_pg_url(self.path):
@@ -2341,7 +2347,7 @@ class MQbtTDataBase:
             self._conn, self.backend = conn, "postgresql"
             return
         if os.path.exists(self.path):
-            self._conn, self.read_only = _sqlite_open(self.path, create=False)
+            self._conn, self.read_only = _sqlite_open(self.path, create=False, read_only=read_only)
         # else: created by the first insert, so that a mistyped path given
         # for reading raises "no such database" instead of making an empty one
 
@@ -2555,7 +2561,11 @@ class MQbtTDataBase:
         if max_timestamp is not None:
             where.append("timestamp <= ?")
             params.append(_epoch(max_timestamp, "max_timestamp"))
-        sql = ("SELECT pair_id, subtopic, COUNT(*), MIN(timestamp), MAX(timestamp) FROM messages"
+        # SQLite columns hold any type: text or NULL written by another tool
+        # must not become a pair's first or last time (review 3)
+        t = ("CASE WHEN typeof(timestamp) IN ('integer', 'real') THEN timestamp END"
+             if self.backend == "sqlite" else "timestamp")
+        sql = (f"SELECT pair_id, subtopic, COUNT(*), MIN({t}), MAX({t}) FROM messages"
                + (" WHERE " + " AND ".join(where) if where else "")
                + " GROUP BY pair_id, subtopic")
         with self._lock:
@@ -2563,15 +2573,19 @@ class MQbtTDataBase:
             rows = self._conn.execute(sql, params).fetchall()
         out = {}
         for pid, sub, n, first, last in rows:
+            first, last = _usable_ts(first), _usable_ts(last)
             p = out.setdefault(pid, dict({"messages": 0}, **{s: 0 for s in SUBTOPICS},
                                          first_timestamp=first, last_timestamp=last))
             p["messages"] += n
             p[sub] = p.get(sub, 0) + n
-            p["first_timestamp"] = min(p["first_timestamp"], first)
-            p["last_timestamp"] = max(p["last_timestamp"], last)
+            p["first_timestamp"] = min((x for x in (p["first_timestamp"], first) if x is not None),
+                                       default=None)
+            p["last_timestamp"] = max((x for x in (p["last_timestamp"], last) if x is not None),
+                                      default=None)
         for p in out.values():
-            p["first"], p["last"] = _utc(p["first_timestamp"]), _utc(p["last_timestamp"])
-        return dict(sorted(out.items()))
+            p["first"], p["last"] = _row_time(p["first_timestamp"]), _row_time(p["last_timestamp"])
+        # a pair id written by another tool may be NULL or a number
+        return dict(sorted(out.items(), key=lambda kv: (kv[0].__class__ is not str, str(kv[0]))))
 
     def info(self) -> dict:
         """:meth:`summary` of every pair, with the totals and the file's size.
@@ -2918,7 +2932,8 @@ class Recorder:
         if self._db.backend == "postgresql":
             _claim_pg_recorder(self._db, self.client_id)
         #: messages the database held when the recorder started
-        self.db_total_before = self._db.count()
+        # a new SQLite file is only created by the first insert: it holds nothing yet
+        self.db_total_before = self._db.count() if self._db._conn is not None else 0
 
     @property
     def total(self) -> int:
@@ -3581,6 +3596,8 @@ class MQbtTNotFound(MQbtTError, LookupError):
 def _show_pair(pair_id: str) -> str:
     """A pair id as one printable word: quoted, with escapes, when it holds
     spaces or control characters (a recorded topic can hold anything)."""
+    if not isinstance(pair_id, str):   # NULL or a number, written by another tool
+        return repr(pair_id)
     if pair_id and pair_id.isprintable() and not any(c.isspace() for c in pair_id):
         return pair_id
     return repr(pair_id)
@@ -3687,6 +3704,13 @@ def open_recording(path) -> "MQbtTDataBase":
             raise MQbtTNotFound(f"no such database: {path}")
         if os.path.isdir(path):
             raise MQbtTNotFound(f"{path} is a directory, not a database")
+        import stat
+        try:
+            regular = stat.S_ISREG(os.stat(path).st_mode)
+        except OSError as err:
+            raise MQbtTNotFound(f"cannot read the database {path}: {err.strerror or err}") from None
+        if not regular:   # a FIFO would block the open below for ever, a device too
+            raise MQbtTNotFound(f"{path} is not a recording (not a regular file)")
         try:
             with open(path, "rb") as f:
                 head = f.read(16)
@@ -3704,12 +3728,16 @@ def open_recording(path) -> "MQbtTDataBase":
             try:
                 found = con.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' "
                                     "AND name = 'messages'").fetchone()
+                journal = con.execute("PRAGMA journal_mode").fetchone()[0]
             finally:
                 con.close()
         except sqlite3.Error as err:
             raise MQbtTNotFound(f"{path} is not a recording ({err})") from None
         if not found:
             raise MQbtTNotFound(f"{path} is not a recording (no messages table)")
+        # a database in another journal mode (another tool's) is read without
+        # being switched to WAL or given indices: reading changes nothing (review 3)
+        return MQbtTDataBase(path, read_only=str(journal).lower() != "wal")
     return MQbtTDataBase(path)
 
 
@@ -3750,6 +3778,11 @@ def _iso_utc(ts: float) -> str:
     return _utc(ts).isoformat(timespec="microseconds")
 
 
+def _iso_utc_or_none(ts):
+    """:func:`_iso_utc`, or None when there is no usable time (review 3)."""
+    return None if ts is None else _iso_utc(ts)
+
+
 def _export_columns(cls, renames=None):
     return [(f.name, (renames or {}).get(f.name, f.name)) for f in dataclasses.fields(cls)]
 
@@ -3782,11 +3815,16 @@ def _iso_utc_fast(ts: float) -> str:
 
 
 def _export_row(rec) -> dict:
-    ts = rec.__dict__.get("_ts")
-    if ts is None:
-        ts = rec.timestamp.timestamp()
+    d = rec.__dict__
+    if "_ts" in d:
+        ts = d["_ts"]
+        if ts.__class__ is not float or ts != ts or not -6e10 < ts < 2.5e11:
+            ts = _usable_ts(ts)   # text, NULL, NaN, 1e300 from another tool: None
+    else:
+        ts = rec.timestamp.timestamp() if rec.timestamp is not None else None
     sub = rec.subtopic
-    row = {"time": _iso_utc_fast(ts), "timestamp": ts, "pair_id": rec.pair_id, "subtopic": sub}
+    row = {"time": None if ts is None else _iso_utc_fast(ts), "timestamp": ts,
+           "pair_id": rec.pair_id, "subtopic": sub}
     message = rec.message
     if message is None:
         row["payload"] = bytes(rec.payload).hex()
@@ -3861,7 +3899,11 @@ def export(db_path: str, out=None, format: str = "jsonl", *, pair_id: str | None
             writer.writerow(columns)
             for row in rows:
                 values = [row.get(c, "") for c in columns]
-                writer.writerow([("true" if v else "false") if v.__class__ is bool else v
+                # text cells (log lines, pair ids) keep no raw control character:
+                # terminal escapes are shown, escaped, as dump shows them (review 3)
+                writer.writerow([("true" if v else "false") if v.__class__ is bool
+                                 else safe_text(v, strip_ansi=False)
+                                 if v.__class__ is str and not v.isprintable() else v
                                  for v in values])
                 n += 1
     out.flush()
@@ -4306,6 +4348,7 @@ def copy(src: str, dst: str, *, chunk: int = 50000, progress=None) -> tuple:
         key, first_id = _source_key(s)
         if key is None:
             return 0, 0
+        d._check_writable()   # a new SQLite destination is created here (review 3)
         dpg = d.backend == "postgresql"
         try:
             d._conn.execute(_COPIES_SCHEMA)
@@ -6740,8 +6783,9 @@ def _cmd_info(argv):
         info = db.info()
     if a.json:
         import json
-        info = dict(info, pairs={pid: {k: (_iso_utc(s[k + "_timestamp"]) if k in ("first", "last")
-                                          else v) for k, v in s.items()}
+        info = dict(info, pairs={str(pid): {k: (_iso_utc_or_none(s[k + "_timestamp"])
+                                               if k in ("first", "last") else v)
+                                           for k, v in s.items()}
                                  for pid, s in info["pairs"].items()})
         print(json.dumps(info, ensure_ascii=False))
         return 0
@@ -6760,7 +6804,8 @@ def _cmd_info(argv):
               + f"  {'first (UTC)':<32}  last (UTC)")
         for pid, s in pairs.items():
             print(f"{names[pid]:<{w}}  " + "  ".join(f"{s[c]:>{cw[c]}}" for c in counts)
-                  + f"  {_iso_utc(s['first_timestamp']):<32}  {_iso_utc(s['last_timestamp'])}")
+                  + f"  {_iso_utc_or_none(s['first_timestamp']) or '-':<32}  "
+                  f"{_iso_utc_or_none(s['last_timestamp']) or '-'}")
     return 0
 
 
