@@ -3334,8 +3334,9 @@ def replay(db_path: str, broker_uri: str, pair_id: str, to_pid: str | None = Non
     total, t_last = plan["messages"], plan["last_timestamp"]
     if max_timestamp is None:   # what was counted, even if a recorder adds more meanwhile
         max_timestamp = t_last
-    # opened before connecting: a file that is not a database is reported first
-    db = MQbtTDataBase(db_path)
+    # opened before connecting: a file that is not a database is reported first;
+    # as open_recording does, so that another tool's database is not changed
+    db = open_recording(db_path)
     try:
         broker = BrokerURI.parse(broker_uri if broker_uri is not None else default_broker())
         conn = _Connection(broker, f"mqbtt-replay-{os.urandom(6).hex()}", True, [], None, keepalive)
@@ -3760,12 +3761,15 @@ def replay_plan(db_path: str, pair_id: str, min_timestamp=None, max_timestamp=No
       first and last time)."""
     with open_recording(db_path) as db:
         found = db.summary(pair_id, min_timestamp, max_timestamp).get(pair_id)
-        if found is not None:
+        if found is not None and found["first_timestamp"] is not None:
             return found
         whole = db.summary(pair_id).get(pair_id)
         if whole is None:
             raise MQbtTNotFound(f"no pair {_show_pair(pair_id)} in {_redact_db(db_path)}; "
                                 f"{_list_pairs(db.pair_ids())}")
+        if whole["first_timestamp"] is None:   # review 3: rows of another tool
+            raise MQbtTNotFound(f"pair {_show_pair(pair_id)} has no message with a usable time in "
+                                f"{_redact_db(db_path)} (its times were written by another tool)")
         lo = "the start" if min_timestamp is None else _iso_utc(_epoch(min_timestamp))
         hi = "the end" if max_timestamp is None else _iso_utc(_epoch(max_timestamp))
         raise MQbtTNotFound(f"pair {_show_pair(pair_id)} has no messages between {lo} and {hi} "
