@@ -3332,11 +3332,17 @@ def replay(db_path: str, broker_uri: str, pair_id: str, to_pid: str | None = Non
     db_path = _check_db_path(db_path)
     plan = replay_plan(db_path, pair_id, min_timestamp, max_timestamp)
     total, t_last = plan["messages"], plan["last_timestamp"]
-    if max_timestamp is None:   # what was counted, even if a recorder adds more meanwhile
-        max_timestamp = t_last
     # opened before connecting: a file that is not a database is reported first;
     # as open_recording does, so that another tool's database is not changed
     db = open_recording(db_path)
+    # what was counted, even if a recorder adds more meanwhile: frozen by row id
+    # (a time bound would also drop the rows whose time another tool wrote badly)
+    try:
+        last_id = db._conn.execute("SELECT MAX(id) FROM messages WHERE pair_id = ?",
+                                   (pair_id,)).fetchone()[0]
+    except BaseException:
+        db.close()
+        raise
     try:
         broker = BrokerURI.parse(broker_uri if broker_uri is not None else default_broker())
         conn = _Connection(broker, f"mqbtt-replay-{os.urandom(6).hex()}", True, [], None, keepalive)
@@ -3363,6 +3369,8 @@ def replay(db_path: str, broker_uri: str, pair_id: str, to_pid: str | None = Non
             t0 = m0 = None
             for rec in db.records(pair_id=pair_id, min_timestamp=min_timestamp,
                                   max_timestamp=max_timestamp):
+                if last_id is not None and rec.id.__class__ is int and rec.id > last_id:
+                    continue   # stored after the plan (a live recorder)
                 qos = SUBTOPICS.get(rec.subtopic)
                 if qos is None or not isinstance(rec.payload, bytes):
                     skipped += 1    # a row written by another tool: not replayable
@@ -3392,10 +3400,10 @@ def replay(db_path: str, broker_uri: str, pair_id: str, to_pid: str | None = Non
                                          "broker's acknowledgement")
                 n += 1
                 if progress is not None:
-                    if speed > 0:
-                        eta = (t_last - ts) / speed
+                    if speed > 0:   # a row without a usable time: no estimate from it
+                        eta = (t_last - ts) / speed if ts is not None and t_last is not None else 0.0
                     else:
-                        eta = (time.monotonic() - m0) / n * (total - n)
+                        eta = (time.monotonic() - m0) / n * (total - n) if m0 is not None else 0.0
                     progress(n, total, max(0.0, eta))
                 if qos == 2:
                     # the broker forwards a QoS 2 message only on PUBREL: without
@@ -3761,8 +3769,9 @@ def replay_plan(db_path: str, pair_id: str, min_timestamp=None, max_timestamp=No
       first and last time)."""
     with open_recording(db_path) as db:
         found = db.summary(pair_id, min_timestamp, max_timestamp).get(pair_id)
-        if found is not None and found["first_timestamp"] is not None:
-            return found
+        windowed = min_timestamp is not None or max_timestamp is not None
+        if found is not None and (found["first_timestamp"] is not None or not windowed):
+            return found   # (a pair whose times are all unusable is sent without pauses)
         whole = db.summary(pair_id).get(pair_id)
         if whole is None:
             raise MQbtTNotFound(f"no pair {_show_pair(pair_id)} in {_redact_db(db_path)}; "
@@ -6728,8 +6737,8 @@ def _replay_cli(a, to) -> int:
             old[sig] = signal.signal(sig, lambda signum, frame: stop.set())
         state["total"] = plan["messages"]
         print(f"mqbtt replay: publishing {plan['messages']} messages of pair {_show_pair(a.pid)} "
-              f"of {_redact_db(a.db)} ({_iso_utc(plan['first_timestamp'])} to "
-              f"{_iso_utc(plan['last_timestamp'])}) as {_show_pair(to)} at speed {a.speed:g}",
+              f"of {_redact_db(a.db)} ({_iso_utc_or_none(plan['first_timestamp']) or '?'} to "
+              f"{_iso_utc_or_none(plan['last_timestamp']) or '?'}) as {_show_pair(to)} at speed {a.speed:g}",
               file=sys.stderr, flush=True)
 
     def progress(n, total, eta):

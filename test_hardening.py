@@ -181,7 +181,7 @@ def test_readers_never_create_a_missing_database(tmp_path, capsys):
             read()
     db.close()
     assert mqbtt.main(["replay", "--db", str(path), "--pid", "p", "--broker",
-                       "mqtt://127.0.0.1:1"], prog="mqbtt") == 1
+                       "mqtt://127.0.0.1:1"], prog="mqbtt") == 2   # a usage error (issue 13)
     assert "no such database" in capsys.readouterr().err
     out = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "db2logs.py"), str(path),
                           "p"], capture_output=True, text=True, timeout=60)

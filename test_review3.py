@@ -196,9 +196,9 @@ def test_replay_on_rows_of_another_tool(broker, tmp_path):
     db = tmp_path / "other.db"
     foreign_db(db)
     before = db.read_bytes()
-    # a pair with no usable time at all: one line, exit 2, before connecting
-    for pid, extra in (("p2", ()), ("p4", ()), ("p2", ("--from", "0"))):
-        r = run("replay", "--db", str(db), "--pid", pid, *extra, "--broker", "mqtt://127.0.0.1:1")
+    # a time window on a pair with no usable time at all: one line, exit 2, before connecting
+    for pid in ("p2", "p4"):
+        r = run("replay", "--db", str(db), "--pid", pid, "--from", "0", "--broker", "mqtt://127.0.0.1:1")
         assert_one_line(r, "replay", "no message with a usable time")
     r = run("replay", "--db", str(db), "--pid", "p1", "--from", "2000000000",
             "--broker", "mqtt://127.0.0.1:1")
@@ -207,21 +207,23 @@ def test_replay_on_rows_of_another_tool(broker, tmp_path):
     r = run("replay", "--db", str(db), "--pid", "nope", "--broker", "mqtt://127.0.0.1:1")
     assert_one_line(r, "replay", "its pairs: None, 5, ")
     assert "\x1b" not in r.stderr
-    # p1: its two timed messages are published, the text-timed one is not
+    # p1: all three published (the text-timed one without a pause); p4's three too
     got = []
     sub = publisher(broker)
     sub.on_message = lambda c, u, m: got.append(m.topic)
     sub.subscribe("mqbtt/p1/#", 1)
     time.sleep(0.3)   # the SUBACK: paho gives no wait here; generous for load
     try:
-        r = run("replay", "--db", str(db), "--pid", "p1", "--speed", "0", "--broker", broker.uri)
-        assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
-        assert "2 messages published" in r.stderr.splitlines()[-1], r.stderr
-        wait_for(lambda: len(got) == 2, 20, "two messages")
+        for pid, speed in (("p1", "0"), ("p4", "1"), ("p1", "1000")):
+            r = run("replay", "--db", str(db), "--pid", pid, "--to-pid", "p1", "--speed", speed,
+                    "--broker", broker.uri)
+            assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+            assert "3 messages published" in r.stderr.splitlines()[-1], r.stderr
+        wait_for(lambda: len(got) == 9, 20, "nine messages")
     finally:
         sub.loop_stop()
         sub.disconnect()
-    assert sorted(got) == ["mqbtt/p1/esp", "mqbtt/p1/srv"]
+    assert sorted(got) == ["mqbtt/p1/esp"] * 2 + ["mqbtt/p1/srv"] * 7
     assert db.read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["other.db"]
 
@@ -236,8 +238,9 @@ def test_library_summary_and_export_rows_on_bad_rows(tmp_path):
         assert s["p4"]["first"] is None and s["p1"]["last"].timestamp() == 1.7e9 + 1
         rows = list(d.export_rows())
         assert len(rows) == 13
-    with pytest.raises(mqbtt.MQbtTNotFound):
-        mqbtt.replay_plan(str(db), "p2")
+    assert mqbtt.replay_plan(str(db), "p2")["messages"] == 1
+    with pytest.raises(mqbtt.MQbtTNotFound, match="usable time"):
+        mqbtt.replay_plan(str(db), "p2", min_timestamp=0)
 
 
 # -- dump --pid + with request-id pairing ---------------------------------------------------
