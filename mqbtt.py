@@ -3729,19 +3729,24 @@ def open_recording(path) -> "MQbtTDataBase":
             raise MQbtTNotFound(f"{path} is not a recording (not an SQLite database)")
         import sqlite3
         import urllib.parse
-        try:
-            # bytes: a Linux file name need not be UTF-8; quoted: '?' and '#' are URI syntax
-            uri = urllib.parse.quote(os.fsencode(os.path.abspath(path)))
-            con = sqlite3.connect(f"file:{uri}?mode=ro",
-                                  uri=True, timeout=30.0)
+        # bytes: a Linux file name need not be UTF-8; quoted: '?' and '#' are URI syntax
+        uri = urllib.parse.quote(os.fsencode(os.path.abspath(path)))
+        # immutable=1 when even mode=ro fails: a WAL database in a directory
+        # this user cannot write (no -shm can be made), as _sqlite_open does (review 3)
+        for mode in ("mode=ro", "immutable=1"):
             try:
-                found = con.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' "
-                                    "AND name = 'messages'").fetchone()
-                journal = con.execute("PRAGMA journal_mode").fetchone()[0]
-            finally:
-                con.close()
-        except sqlite3.Error as err:
-            raise MQbtTNotFound(f"{path} is not a recording ({err})") from None
+                con = sqlite3.connect(f"file:{uri}?{mode}", uri=True, timeout=30.0)
+                try:
+                    found = con.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' "
+                                        "AND name = 'messages'").fetchone()
+                    journal = con.execute("PRAGMA journal_mode").fetchone()[0]
+                finally:
+                    con.close()
+                break
+            except sqlite3.Error as err:
+                if mode == "immutable=1" or isinstance(err, sqlite3.DatabaseError) and \
+                        "not a database" in str(err):
+                    raise MQbtTNotFound(f"{path} is not a recording ({err})") from None
         if not found:
             raise MQbtTNotFound(f"{path} is not a recording (no messages table)")
         # a database in another journal mode (another tool's) is read without

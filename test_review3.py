@@ -276,3 +276,29 @@ def test_dump_every_pair_pairs_replies_by_pair_and_request_id(broker):
     rb, ra = lines[0]["rtt"], lines[1]["rtt"]
     # a's request went out ~0.3 s before b's: a's RTT is the longer one
     assert ra > rb + 0.2, (ra, rb)
+
+
+def test_info_on_a_recording_in_a_read_only_directory(tmp_path):
+    """`info` on a WAL recording in a directory the user cannot write said
+    "is not a recording (attempt to write a readonly database)"."""
+    import shutil
+    import tempfile
+    d = tempfile.mkdtemp(prefix="mqbtt-r3-ro-")
+    try:
+        path = os.path.join(d, "traffic.db")
+        with mqbtt.MQbtTDataBase(path) as db:   # mqbtt's own recording: WAL mode
+            db.insert(mqbtt.MQbtTRecord(timestamp=mqbtt._utc(1.7e9), pair_id="g1", subtopic="log",
+                                        payload=b"hello"))
+        assert sorted(os.listdir(d)) == ["traffic.db"]
+        os.chmod(path, 0o644)
+        os.chmod(d, 0o555)
+        # /usr/bin/python3: info needs no third-party package; "nobody" cannot write d
+        out = subprocess.run(["runuser", "-u", "nobody", "--", "/usr/bin/python3",
+                              os.path.join(ROOT, "mqbtt.py"), "info", "--db", path],
+                             capture_output=True, text=True, timeout=60, cwd="/")
+        assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+        assert "1 pair, 1 message" in out.stdout and "\ng1 " in out.stdout, out.stdout
+        assert sorted(os.listdir(d)) == ["traffic.db"]
+    finally:
+        os.chmod(d, 0o755)
+        shutil.rmtree(d, ignore_errors=True)
