@@ -4160,6 +4160,13 @@ class _PGConnection:
         except self._error as err:
             raise self._fail(err) from None
 
+    @property
+    def in_transaction(self) -> bool:
+        """Whether a ``BEGIN`` is open, as :attr:`sqlite3.Connection.in_transaction`
+        (MQbtTDataBase.commit/_rollback read it; review 3: missing after the merge)."""
+        import psycopg
+        return self._pg.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
+
     def executemany(self, sql, rows):
         try:
             with self._pg.cursor() as cur:

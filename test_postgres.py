@@ -330,6 +330,7 @@ def test_generic_sql_runs_on_both(pg_url, tmp_path):
     results = []
     for where in (lite, pg_url):
         with MQbtTDataBase(where) as db:
+            db._check_writable()   # a new SQLite file is created by the first write (merge)
             c = db._conn
             c.execute("BEGIN")
             for i in range(6):
@@ -581,7 +582,7 @@ def test_copy_idempotent_and_incremental(pg, pg_url, tmp_path):
     assert not os.path.exists(str(tmp_path / "missing.db"))
     # an empty source copies nothing and leaves the destination alone
     empty = str(tmp_path / "empty.db")
-    MQbtTDataBase(empty).close()
+    mqbtt._sqlite_open(empty, create=True)[0].close()   # files are created lazily (merge)
     assert mqbtt.copy(empty, back) == (0, 0)
 
 
