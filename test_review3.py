@@ -302,3 +302,24 @@ def test_info_on_a_recording_in_a_read_only_directory(tmp_path):
     finally:
         os.chmod(d, 0o755)
         shutil.rmtree(d, ignore_errors=True)
+
+
+from test_postgres import pg, pg_url   # noqa: E402,F401  (a private PostgreSQL, session-wide)
+
+
+def test_postgresql_commit_and_copy_to_a_new_sqlite_file(pg_url, tmp_path):
+    """After the merge, MQbtTDataBase.commit() on PostgreSQL read
+    `in_transaction`, which _PGConnection lacked: every insert/copy crashed."""
+    with mqbtt.MQbtTDataBase(pg_url) as db:
+        db.insert(mqbtt.MQbtTRecord(timestamp=mqbtt._utc(1.7e9), pair_id="g1", subtopic="srv",
+                                    payload=Request(nonce_size=3).to_bytes()))
+        assert db.commit() == 1
+        assert not db._conn.in_transaction
+        assert db.count() == 1
+    back = tmp_path / "back.db"
+    r = run("copy", pg_url, str(back))
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert "1 rows copied" in r.stderr and count_rows(str(back)) == 1
+    r = run("info", "--db", pg_url)
+    assert r.returncode == 0 and "1 pair, 1 message" in r.stdout, r.stderr
+    assert pg_url.split("@")[0].split(":")[-1] not in r.stdout + r.stderr   # no password
