@@ -264,6 +264,8 @@ DEPENDENCIES = {
     "requests": ("requests>=2.31,<3", "the AxeOS/OpenObserve calls and upgrade"),
     "websocket": ("websocket-client>=1.6,<2", "wslog"),
     "prometheus_client": ("prometheus_client>=0.20,<1", "mqbtt exporter"),
+    # review 3: in requirements.txt since the merge; PostgreSQL code says PG_INSTALL itself
+    "psycopg": ("psycopg[binary]>=3.1,<4", "PostgreSQL databases"),
 }
 
 
