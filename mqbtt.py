@@ -268,6 +268,8 @@ DEPENDENCIES = {
     "requests": ("requests>=2.31,<3", "the AxeOS/OpenObserve calls and upgrade"),
     "websocket": ("websocket-client>=1.6,<2", "wslog"),
     "prometheus_client": ("prometheus_client>=0.20,<1", "mqbtt exporter"),
+    # review 3: in requirements.txt since the merge; PostgreSQL code says PG_INSTALL itself
+    "psycopg": ("psycopg[binary]>=3.1,<4", "PostgreSQL databases"),
 }
 
 
@@ -2192,6 +2194,12 @@ def _db_order(v):
     return (3, bytes(v))
 
 
+def _usable_ts(ts):
+    """*ts* as seconds since the epoch if it is a usable stored time (see
+    :func:`_row_time`), else None."""
+    return float(ts) if _row_time(ts) is not None else None
+
+
 def _row_payload(payload) -> bytes:
     """The bytes of a stored message: a BLOB as it is, TEXT as UTF-8, a
     number or NULL (written by another tool) as its text / empty."""
@@ -2298,7 +2306,7 @@ def _check_db_path(path) -> str:
     return path
 
 
-def _sqlite_open(path: str, create: bool):
+def _sqlite_open(path: str, create: bool, read_only: bool = False):
     """``(connection, read_only)`` for the SQLite database *path*.
 
     A database that exists but cannot be written (read-only file, directory
@@ -2308,7 +2316,7 @@ def _sqlite_open(path: str, create: bool):
     import sqlite3
     from urllib.parse import quote
     writable = os.access(path, os.W_OK) and os.access(os.path.dirname(os.path.abspath(path)), os.W_OK)
-    if not create and not writable:
+    if not create and (read_only or not writable):
         uri = "file:" + quote(os.path.abspath(path))
         last = None
         for mode in ("?mode=ro", "?immutable=1"):
@@ -2379,6 +2387,9 @@ class MQbtTDataBase:
     :param batch_timeout: ...or when the oldest uncommitted record is this many
       seconds old, whichever comes first (a timer commits even if no further
       record is inserted).  :meth:`close` commits what is left.
+    :param read_only: open an existing SQLite database read-only, changing
+      nothing in it (:func:`open_recording` does so for a database that is
+      not in WAL mode, e.g. one written by another tool).
 
     Timestamps are stored as UTC seconds since the epoch and returned as
     timezone-aware UTC datetimes.  Datetimes given as filters may be aware
@@ -2395,7 +2406,8 @@ class MQbtTDataBase:
     documentation also spells it ``MQbtTDatabase``: both names work.
     """
 
-    def __init__(self, path: str, batch_size: int = 100, batch_timeout: float = 10.0):
+    def __init__(self, path: str, batch_size: int = 100, batch_timeout: float = 10.0, *,
+                 read_only: bool = False):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, not {batch_size!r}")
         if not isinstance(batch_timeout, (int, float)) or batch_timeout < 0:
@@ -2424,7 +2436,7 @@ class MQbtTDataBase:
             self._conn, self.backend = conn, "postgresql"
             return
         if os.path.exists(self.path):
-            self._conn, self.read_only = _sqlite_open(self.path, create=False)
+            self._conn, self.read_only = _sqlite_open(self.path, create=False, read_only=read_only)
         # else: created by the first insert, so that a mistyped path given
         # for reading raises "no such database" instead of making an empty one
 
@@ -2638,7 +2650,11 @@ class MQbtTDataBase:
         if max_timestamp is not None:
             where.append("timestamp <= ?")
             params.append(_epoch(max_timestamp, "max_timestamp"))
-        sql = ("SELECT pair_id, subtopic, COUNT(*), MIN(timestamp), MAX(timestamp) FROM messages"
+        # SQLite columns hold any type: text or NULL written by another tool
+        # must not become a pair's first or last time (review 3)
+        t = ("CASE WHEN typeof(timestamp) IN ('integer', 'real') THEN timestamp END"
+             if self.backend == "sqlite" else "timestamp")
+        sql = (f"SELECT pair_id, subtopic, COUNT(*), MIN({t}), MAX({t}) FROM messages"
                + (" WHERE " + " AND ".join(where) if where else "")
                + " GROUP BY pair_id, subtopic")
         with self._lock:
@@ -2646,6 +2662,7 @@ class MQbtTDataBase:
             rows = self._conn.execute(sql, params).fetchall()
         out = {}
         for pid, sub, n, first, last in rows:
+            first, last = _usable_ts(first), _usable_ts(last)
             p = out.setdefault(pid, dict({"messages": 0}, **{s: 0 for s in SUBTOPICS},
                                          first_timestamp=None, last_timestamp=None))
             p["messages"] += n
@@ -3410,11 +3427,17 @@ def replay(db_path: str, broker_uri: str, pair_id: str, to_pid: str | None = Non
     db_path = _check_db_path(db_path)
     plan = replay_plan(db_path, pair_id, min_timestamp, max_timestamp)
     total, t_last = plan["messages"], plan["last_timestamp"]
-    if max_timestamp is None and t_last.__class__ in (int, float):
-        # what was counted, even if a recorder adds more meanwhile (not a text of a bad row)
-        max_timestamp = t_last
-    # opened before connecting: a file that is not a database is reported first
-    db = MQbtTDataBase(db_path)
+    # opened before connecting: a file that is not a database is reported first;
+    # as open_recording does, so that another tool's database is not changed
+    db = open_recording(db_path)
+    # what was counted, even if a recorder adds more meanwhile: frozen by row id
+    # (a time bound would also drop the rows whose time another tool wrote badly)
+    try:
+        last_id = db._conn.execute("SELECT MAX(id) FROM messages WHERE pair_id = ?",
+                                   (pair_id,)).fetchone()[0]
+    except BaseException:
+        db.close()
+        raise
     try:
         broker = BrokerURI.parse(broker_uri if broker_uri is not None else default_broker())
         conn = _Connection(broker, f"mqbtt-replay-{os.urandom(6).hex()}", True, [], None, keepalive)
@@ -3441,6 +3464,8 @@ def replay(db_path: str, broker_uri: str, pair_id: str, to_pid: str | None = Non
             t0 = m0 = None
             for rec in db.records(pair_id=pair_id, min_timestamp=min_timestamp,
                                   max_timestamp=max_timestamp):
+                if last_id is not None and rec.id.__class__ is int and rec.id > last_id:
+                    continue   # stored after the plan (a live recorder)
                 qos = SUBTOPICS.get(rec.subtopic)
                 if qos is None or not isinstance(rec.payload, bytes):
                     skipped += 1    # a row written by another tool: not replayable
@@ -3678,6 +3703,8 @@ class MQbtTNotFound(MQbtTError, LookupError):
 def _show_pair(pair_id: str) -> str:
     """A pair id as one printable word: quoted, with escapes, when it holds
     spaces or control characters (a recorded topic can hold anything)."""
+    if not isinstance(pair_id, str):   # NULL or a number, written by another tool
+        return repr(pair_id)
     if pair_id and pair_id.isprintable() and not any(c.isspace() for c in pair_id):
         return pair_id
     return repr(pair_id)
@@ -3784,6 +3811,13 @@ def open_recording(path) -> "MQbtTDataBase":
             raise MQbtTNotFound(f"no such database: {path}")
         if os.path.isdir(path):
             raise MQbtTNotFound(f"{path} is a directory, not a database")
+        import stat
+        try:
+            regular = stat.S_ISREG(os.stat(path).st_mode)
+        except OSError as err:
+            raise MQbtTNotFound(f"cannot read the database {path}: {err.strerror or err}") from None
+        if not regular:   # a FIFO would block the open below for ever, a device too
+            raise MQbtTNotFound(f"{path} is not a recording (not a regular file)")
         try:
             with open(path, "rb") as f:
                 head = f.read(16)
@@ -3793,20 +3827,29 @@ def open_recording(path) -> "MQbtTDataBase":
             raise MQbtTNotFound(f"{path} is not a recording (not an SQLite database)")
         import sqlite3
         import urllib.parse
-        try:
-            # bytes: a Linux file name need not be UTF-8; quoted: '?' and '#' are URI syntax
-            uri = urllib.parse.quote(os.fsencode(os.path.abspath(path)))
-            con = sqlite3.connect(f"file:{uri}?mode=ro",
-                                  uri=True, timeout=30.0)
+        # bytes: a Linux file name need not be UTF-8; quoted: '?' and '#' are URI syntax
+        uri = urllib.parse.quote(os.fsencode(os.path.abspath(path)))
+        # immutable=1 when even mode=ro fails: a WAL database in a directory
+        # this user cannot write (no -shm can be made), as _sqlite_open does (review 3)
+        for mode in ("mode=ro", "immutable=1"):
             try:
-                found = con.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' "
-                                    "AND name = 'messages'").fetchone()
-            finally:
-                con.close()
-        except sqlite3.Error as err:
-            raise MQbtTNotFound(f"{path} is not a recording ({err})") from None
+                con = sqlite3.connect(f"file:{uri}?{mode}", uri=True, timeout=30.0)
+                try:
+                    found = con.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' "
+                                        "AND name = 'messages'").fetchone()
+                    journal = con.execute("PRAGMA journal_mode").fetchone()[0]
+                finally:
+                    con.close()
+                break
+            except sqlite3.Error as err:
+                if mode == "immutable=1" or isinstance(err, sqlite3.DatabaseError) and \
+                        "not a database" in str(err):
+                    raise MQbtTNotFound(f"{path} is not a recording ({err})") from None
         if not found:
             raise MQbtTNotFound(f"{path} is not a recording (no messages table)")
+        # a database in another journal mode (another tool's) is read without
+        # being switched to WAL or given indices: reading changes nothing (review 3)
+        return MQbtTDataBase(path, read_only=str(journal).lower() != "wal")
     elif is_pg_url(path) and not _pg_is_recording(path):
         # a reader never creates the table (as it never creates a SQLite file)
         raise MQbtTNotFound(f"{_redact_db(path)} is not a recording (no messages table)")
@@ -3832,12 +3875,16 @@ def replay_plan(db_path: str, pair_id: str, min_timestamp=None, max_timestamp=No
       first and last time)."""
     with open_recording(db_path) as db:
         found = db.summary(pair_id, min_timestamp, max_timestamp).get(pair_id)
-        if found is not None:
-            return found
+        windowed = min_timestamp is not None or max_timestamp is not None
+        if found is not None and (found["first_timestamp"] is not None or not windowed):
+            return found   # (a pair whose times are all unusable is sent without pauses)
         whole = db.summary(pair_id).get(pair_id)
         if whole is None:
             raise MQbtTNotFound(f"no pair {_show_pair(pair_id)} in {_redact_db(db_path)}; "
                                 f"{_list_pairs(db.pair_ids())}")
+        if whole["first_timestamp"] is None:   # review 3: rows of another tool
+            raise MQbtTNotFound(f"pair {_show_pair(pair_id)} has no message with a usable time in "
+                                f"{_redact_db(db_path)} (its times were written by another tool)")
         lo = "the start" if min_timestamp is None else _iso_utc(_epoch(min_timestamp))
         hi = "the end" if max_timestamp is None else _iso_utc(_epoch(max_timestamp))
         first, last = (t.isoformat(timespec="microseconds") if t is not None else "(no time)"
@@ -3853,6 +3900,11 @@ def _iso_utc(ts: float | None) -> str:
     if ts is None:
         return "unknown"
     return _utc(ts).isoformat(timespec="microseconds")
+
+
+def _iso_utc_or_none(ts):
+    """:func:`_iso_utc`, or None when there is no usable time (review 3)."""
+    return None if ts is None else _iso_utc(ts)
 
 
 def _export_columns(cls, renames=None):
@@ -3973,7 +4025,11 @@ def export(db_path: str, out=None, format: str = "jsonl", *, pair_id: str | None
             writer.writerow(columns)
             for row in rows:
                 values = [row.get(c, "") for c in columns]
-                writer.writerow([("true" if v else "false") if v.__class__ is bool else v
+                # text cells (log lines, pair ids) keep no raw control character:
+                # terminal escapes are shown, escaped, as dump shows them (review 3)
+                writer.writerow([("true" if v else "false") if v.__class__ is bool
+                                 else safe_text(v, strip_ansi=False)
+                                 if v.__class__ is str and not v.isprintable() else v
                                  for v in values])
                 n += 1
     out.flush()

@@ -107,6 +107,8 @@ class PtyProc:
 
 def make_db(path, rows):
     """A recording made of (pair_id, subtopic, timestamp, payload) rows."""
+    if not rows:   # MQbtTDataBase creates the file on the first insert only (merge)
+        mqbtt._sqlite_open(str(path), create=True)[0].close()
     with MQbtTDataBase(str(path)) as db:
         db._check_writable()   # an empty recording too (files are created by the first write)
         for pid, sub, ts, payload in rows:

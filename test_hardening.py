@@ -1057,12 +1057,16 @@ def test_files_that_are_not_recordings_are_refused_in_one_line_and_left_alone(tm
     conn.commit()
     conn.close()
     before = other.read_bytes()
-    for path, what in ((text, "file is not a database"), (other, "not an mqbtt recording"),
-                       (tmp_path, "unable to open")):
-        for argv in (["replay", "--db", str(path), "--pid", "p"], ["record", "--db", str(path)]):
+    for path, what, replay_what in (
+            (text, "file is not a database", "not a recording (not an SQLite database)"),
+            (other, "not an mqbtt recording", "not a recording (no messages table)"),
+            (tmp_path, "unable to open", "is a directory, not a database")):
+        # replay checks the database before connecting: a usage error, exit 2 (issue 13)
+        for argv, status, said in ((["replay", "--db", str(path), "--pid", "p"], 2, replay_what),
+                                   (["record", "--db", str(path)], 1, what)):
             out = _run(argv + ["--broker", "mqtt://127.0.0.1:1"])
-            assert out.returncode == 1, out.stderr
-            assert out.stderr.count("\n") == 1 and what in out.stderr, out.stderr
+            assert out.returncode == status, out.stderr
+            assert out.stderr.count("\n") == 1 and said in out.stderr, out.stderr
             assert "password" not in out.stderr
         with pytest.raises(MQbtTError, match=what):
             MQbtTDataBase(path)
