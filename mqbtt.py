@@ -2182,18 +2182,6 @@ def _row_time(ts):
         return None
 
 
-def _db_order(v):
-    """Sort key of a stored timestamp as SQL orders it: numbers, then NaN
-    (PostgreSQL: greater than any number), then text, then bytes; NULL first."""
-    if v is None:
-        return (-1, 0)
-    if isinstance(v, (int, float)) and not isinstance(v, bool):
-        return (1, 0) if v != v else (0, v)
-    if isinstance(v, str):
-        return (2, v)
-    return (3, bytes(v))
-
-
 def _usable_ts(ts):
     """*ts* as seconds since the epoch if it is a usable stored time (see
     :func:`_row_time`), else None."""
@@ -2667,13 +2655,15 @@ class MQbtTDataBase:
                                          first_timestamp=None, last_timestamp=None))
             p["messages"] += n
             p[sub] = p.get(sub, 0) + n
-            # bad rows of other tools (NaN, text, NULL): ordered as the database does
-            p["first_timestamp"] = min(p["first_timestamp"], first, key=_db_order)
-            p["last_timestamp"] = max(p["last_timestamp"], last, key=_db_order)
+            # bad rows of other tools (NaN, text, NULL) have no time: None
+            p["first_timestamp"] = min((x for x in (p["first_timestamp"], first) if x is not None),
+                                       default=None)
+            p["last_timestamp"] = max((x for x in (p["last_timestamp"], last) if x is not None),
+                                      default=None)
         for p in out.values():
-            # None when not a usable time (NaN, infinity, 1e300, text)
             p["first"], p["last"] = _row_time(p["first_timestamp"]), _row_time(p["last_timestamp"])
-        return dict(sorted(out.items()))
+        # a pair id written by another tool may be NULL or a number
+        return dict(sorted(out.items(), key=lambda kv: (kv[0].__class__ is not str, str(kv[0]))))
 
     def info(self) -> dict:
         """:meth:`summary` of every pair, with the totals and the file's size.
