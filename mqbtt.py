@@ -3171,11 +3171,10 @@ class Recorder:
 
     def _sync_acks(self, timeout: float = 10.0):
         """Clean stop: wait (at most *timeout* s) until the broker has handled
-        every PUBACK sent, before DISCONNECT.  Without it, a flood's next
-        messages, still unread when paho closes the socket right after writing
-        DISCONNECT, make the kernel reset the connection (RST), and Mosquitto,
-        failing to write to it, drops the connection without reading the last
-        PUBACKs: after the restart the broker redelivers messages already
+        every PUBACK sent, before DISCONNECT.  Without it, paho closes the
+        socket right after writing DISCONNECT; during a flood Mosquitto, still
+        sending, gets "Broken pipe" and drops the connection without reading
+        the last PUBACKs: after the restart it redelivers messages already
         stored (duplicates).  A round trip (UNSUBSCRIBE from a filter never
         subscribed, answered by UNSUBACK in order) proves they were taken.
         Messages arriving meanwhile stay unacknowledged (stored by the next run)."""
