@@ -3086,6 +3086,7 @@ class Recorder:
                 self._conn.stop()
                 self._close_db()
                 raise
+            self._sync_acks()   # clean stop: the broker has taken every PUBACK sent
             self._conn.stop()
             self._close_db()
         finally:
@@ -3183,6 +3184,46 @@ class Recorder:
             # reconnect the broker redelivers it anyway (stored twice, not lost)
             if qos > 0 and gen == gen_now:
                 client.ack(mid, qos)
+
+    #: a topic filter the recorder never subscribes to: UNSUBSCRIBE from it
+    #: changes nothing in the session, and its UNSUBACK comes after the broker
+    #: has handled every packet sent before (see :meth:`_sync_acks`)
+    _SYNC_FILTER = "mqbtt/+/.recorder-sync"
+
+    def _sync_acks(self, timeout: float = 10.0):
+        """Clean stop: wait (at most *timeout* s) until the broker has handled
+        every PUBACK sent, before DISCONNECT.  Without it, paho closes the
+        socket right after writing DISCONNECT; during a flood Mosquitto, still
+        sending, gets "Broken pipe" and drops the connection without reading
+        the last PUBACKs: after the restart it redelivers messages already
+        stored (duplicates).  A round trip (UNSUBSCRIBE from a filter never
+        subscribed, answered by UNSUBACK in order) proves they were taken.
+        Messages arriving meanwhile stay unacknowledged (stored by the next run)."""
+        conn = self._conn
+        if not conn.connected:
+            return   # a reconnection redelivers what was not acknowledged anyway
+        done = threading.Event()
+        acked = set()
+
+        def on_unsubscribe(client, userdata, mid, *rest):
+            acked.add(mid)
+            done.set()
+        conn.client.on_unsubscribe = on_unsubscribe
+        try:
+            rc, mid = conn.client.unsubscribe(self._SYNC_FILTER)
+        except Exception:   # pragma: no cover - paho raises nothing here normally
+            return
+        if rc != 0 or mid is None:
+            return
+        deadline = time.monotonic() + timeout
+        while mid not in acked and conn.connected:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.warning("%s did not confirm the last acknowledgements within %g s: "
+                            "the next run may store a few messages twice", self.broker, timeout)
+                return
+            done.wait(min(left, 0.1))
+            done.clear()
 
     @property
     def _prefix(self):
