@@ -266,6 +266,7 @@ DEPENDENCIES = {
     "paho": ("paho-mqtt>=2.1,<3", "MQTT"),
     "google.protobuf": ("protobuf>=5.26,<8", "message encoding"),
     "requests": ("requests>=2.31,<3", "the AxeOS/OpenObserve calls and upgrade"),
+    "urllib3": ("urllib3>=2.6,<3", "bounded HTTP answers (decompression limited while streaming)"),
     "websocket": ("websocket-client>=1.6,<2", "wslog"),
     "prometheus_client": ("prometheus_client>=0.20,<1", "mqbtt exporter"),
     # review 3: in requirements.txt since the merge; PostgreSQL code says PG_INSTALL itself
