@@ -636,3 +636,15 @@ def test_no_stray_markers():
     prose = re.sub(r"```.*?```", "", text, flags=re.S)
     for para in prose.split("\n\n"):
         assert para.count("`") % 2 == 0, para[:200]
+
+
+def test_table_of_contents_lists_every_section():
+    text = readme()
+    toc = section(text, "Contents")
+    prose = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+    titles = [t for t in re.findall(r"^##+ (.*)$", prose, re.M) if t != "Contents"]
+    listed = re.findall(r"^\s*- \[(.*?)\]\(#([\w-]+)\)$", toc, re.M)
+    assert [t for t, _ in listed] == titles
+    found = anchors(text)
+    assert all(a in found for _, a in listed)
+    assert len({a for _, a in listed}) == len(listed)   # no two sections share an anchor
