@@ -449,7 +449,6 @@ def _check_type(obj, name, value, cls):
                               f"not {type(value).__name__}")
 
 
-
 class Kind(enum.IntEnum):
     """The kind of a :class:`Reply`."""
     HELLO = 0
@@ -6844,23 +6843,34 @@ def _parser(cmd):
     return p
 
 
-def _broker_arg(text):
-    """argparse type: a valid broker URI (else a usage error, exit 2)."""
+def _arg_type(check, keep_text=False):
+    """An argparse type calling *check* on the option's text: its
+    ``ValueError`` becomes a usage error (one line, exit status 2).  The
+    option's value is what *check* returns, or the text if *keep_text*."""
     import argparse
-    try:
-        BrokerURI.parse(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-    return text
+
+    def convert(text):
+        try:
+            value = check(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+        return text if keep_text else value
+    return convert
 
 
-def _pid_arg(text):
-    """argparse type: a valid pair id (else a usage error, exit 2)."""
-    import argparse
-    try:
-        return check_pair_id(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
+def _pair_or_all(text):
+    """A pair id, or ``+`` for every pair (``dump``, ``top``, ``exporter``)."""
+    return text if text == "+" else check_pair_id(text)
+
+
+#: argparse types of the options shared by several commands
+_broker_arg = _arg_type(BrokerURI.parse, keep_text=True)   # a valid broker URI
+_pid_arg = _arg_type(check_pair_id)                        # a valid pair id
+_dump_pid_arg = _fleet_pid_arg = _arg_type(_pair_or_all)   # a pair id or +
+_time_arg = _arg_type(parse_time)                          # see parse_time()
+_share_arg = _arg_type(check_share_group)                  # a shared-subscription group
+_db_arg = _arg_type(_check_db_path)                        # a file path (not :memory:) or URL
+_listen_arg = _arg_type(parse_listen, keep_text=True)      # HOST:PORT
 
 
 def _add_broker(p):
@@ -6972,20 +6982,6 @@ def _cmd_replay(argv):
     _check_time_window(p, a)
     to = a.to_pid or a.pid
     return _replay_cli(a, to)
-
-
-def _dump_pid_arg(text):
-    """argparse type of ``mqbtt dump --pid``: a pair id, or ``+`` for every pair."""
-    return text if text == "+" else _pid_arg(text)
-
-
-def _time_arg(text):
-    """argparse type: a time (see :func:`parse_time`)."""
-    import argparse
-    try:
-        return parse_time(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _add_time_window(p):
@@ -7138,17 +7134,6 @@ def _cmd_export(argv):
     return 0
 
 
-def _share_arg(text):
-    """argparse type: a valid shared-subscription group."""
-    import argparse
-    try:
-        return check_share_group(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-
-
-
-
 def _cmd_copy(argv):
     p = _parser("copy")
     p.add_argument("src", metavar="SRC", type=_db_arg,
@@ -7217,16 +7202,6 @@ def _speed_arg(text):
         raise argparse.ArgumentTypeError(f"expected 0 (as fast as possible) or a number from "
                                          f"{MIN_SPEED:g}, got {text!r}") from None
     return value
-
-
-def _db_arg(text):
-    """argparse type: a database file path (not empty, not ``:memory:``) or a
-    ``postgresql://`` URL."""
-    import argparse
-    try:
-        return _check_db_path(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _cmd_restart(argv):
@@ -7337,11 +7312,6 @@ def _cmd_run(argv):
     return 0
 
 
-def _fleet_pid_arg(text):
-    """argparse type: a pair id, or ``+`` for every pair."""
-    return text if text == "+" else _pid_arg(text)
-
-
 def _add_fleet_args(p):
     _add_broker(p)
     p.add_argument("--pid", metavar="ID", nargs="+", action="extend", type=_fleet_pid_arg,
@@ -7373,16 +7343,6 @@ def _cmd_top(argv):
     run_top(a.broker, a.pid, interval=a.interval, stale=a.stale, max_pairs=a.max_pairs,
             sort=a.sort, ready=ready)
     return 0
-
-
-def _listen_arg(text):
-    """argparse type: HOST:PORT."""
-    import argparse
-    try:
-        parse_listen(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-    return text
 
 
 def _cmd_exporter(argv):
