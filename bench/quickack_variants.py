@@ -48,7 +48,7 @@ def _apply(mqbtt):
 '''
 os.environ["QAVAR"] = sys.argv[2]
 exec(PATCH)
-_apply(mqbtt)
+globals()["_apply"](mqbtt)   # defined by PATCH
 run.MINER_SRC = run.MINER_SRC.replace("import mqbtt\n", "import mqbtt\n" + PATCH + "\n_apply(mqbtt)\n", 1)
 # MQbtTBase replaces on_socket_open with its own method calling the module global _tcp_nodelay: ok
 stock = LocalBroker(stock=True).start()
