@@ -12,6 +12,14 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 from local_broker import LocalBroker, mosquitto_path  # noqa: E402
 
+def _initdb_path():
+    from local_postgres import pg_bindir
+    try:
+        return os.path.join(pg_bindir(), "initdb")
+    except RuntimeError:
+        return None
+
+
 #: Programs the tests start, with the Debian package that has them (scripts/apt-install.sh
 #: installs them).  None: look for the program on $PATH.
 PROGRAMS = {
@@ -23,6 +31,7 @@ PROGRAMS = {
     "prometheus": ("prometheus", None),
     "promtool": ("prometheus", None),
     "tmux": ("tmux", None),
+    "initdb": ("postgresql", _initdb_path),
 }
 
 
