@@ -6335,6 +6335,20 @@ _TOP_COLUMNS = (("REQ/m", 6), ("REP/m", 6), ("RTT p50", 8), ("RTT last", 8), ("S
                 ("BEST DIFF", 9), ("LOG/m", 6), ("SEEN", 10))
 
 
+def _cell_text(text: str) -> str:
+    """*text* for one cell of ``mqbtt top``'s table: :func:`safe_text`, a tab
+    as a space, and whatever is still not printable (zero-width and other
+    format characters, which would make look-alike pair ids or shift the
+    columns) escaped as ``\\u200b``."""
+    text = safe_text(text).replace("\t", " ")
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else
+                   f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else
+                   f"\\u{ord(ch):04x}" if ord(ch) < 0x10000 else f"\\U{ord(ch):08x}"
+                   for ch in text)
+
+
 def format_fleet_table(pairs: list, width: int | None = None) -> list:
     """The ``mqbtt top`` table of *pairs* (:class:`FleetPair`, in display
     order): a list of ``(line, stale)``, the column titles first.  Each line
@@ -6343,7 +6357,7 @@ def format_fleet_table(pairs: list, width: int | None = None) -> list:
     with control characters neutralised."""
     # safe_text: escape sequences removed, other controls escaped; a tab,
     # which it keeps, would move the terminal's cursor past the cell widths
-    ids = [safe_text(p.pair_id).replace("\t", " ") for p in pairs]
+    ids = [_cell_text(p.pair_id) for p in pairs]
     pw = min(max([4] + [_cells(i) for i in ids]), 24)
     head = _fit("PAIR", pw) + "".join(" " + _fit(t, w, right=t != "SEEN") for t, w in _TOP_COLUMNS)
     head += "  LAST LOG"
@@ -6357,7 +6371,7 @@ def format_fleet_table(pairs: list, width: int | None = None) -> list:
         line = _fit(pid, pw) + "".join(" " + _fit(c, w, right=t != "SEEN")
                                        for c, (t, w) in zip(cells, _TOP_COLUMNS))
         line += "  "
-        logtext = safe_text(p.last_log or "").replace("\t", " ")
+        logtext = _cell_text(p.last_log or "")
         if width is None:
             line += logtext
         else:
