@@ -1081,7 +1081,9 @@ def test_upgrade_fsyncs_before_the_atomic_replace(release_server, tmp_path):
         m = re.search(r"(fsync|rename\w*)\((.*)\)\s+=\s+0", line)
         if m:
             events.append((m.group(1), m.group(2)))
-    download = [i for i, (call, args) in enumerate(events) if call == "fsync" and ".download>" in args]
+    # strace -y names the fd by the file's name when it prints the call: under load that can
+    # already be a later name of the same file (.download.bak)
+    download = [i for i, (call, args) in enumerate(events) if call == "fsync" and ".download" in args]
     replace = [i for i, (call, args) in enumerate(events)
                if call.startswith("rename") and args.rstrip().endswith(f'"{installed}"')]
     dir_sync = [i for i, (call, args) in enumerate(events)
