@@ -474,8 +474,8 @@ def bench_fleet(repeat, quick, broker):
 
 def _make_db(path, rows):
     import sqlite3
-    with mqbtt.MQbtTDataBase(path):
-        pass                                   # the schema and indices, as mqbtt makes them
+    with mqbtt.MQbtTDataBase(path) as db:
+        db._check_writable()                   # the file, schema and indices, as mqbtt makes them
     con = sqlite3.connect(path)
     share = mqbtt.Share(nonce=1, diff=1000.5, job_id="ab").to_bytes()
     t0 = 1_750_000_000.0
