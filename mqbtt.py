@@ -1577,12 +1577,16 @@ def _timed_get(q, timeout):
     because of a signal, on every supported Python.
 
     On CPython <= 3.12 a :class:`queue.SimpleQueue` wait interrupted by a
-    signal handler may wait for ever.  There the wait is cut into slices of
-    at most 0.1 s during which the calling thread holds asynchronous signals
-    back (they are delivered as soon as the slice ends, or handled by another
-    thread's C handler meanwhile): a signal costs at most 0.1 s of latency and
-    an arriving message none."""
-    if _SIGNAL_SAFE_GET or not isinstance(q, queue.SimpleQueue):
+    signal whose Python handler returns may wait for ever.  Only the main
+    thread runs Python handlers, and only a handler other than the defaults
+    (SIGINT's raises KeyboardInterrupt) returns: there, and only there, the
+    wait is cut into slices of at most 0.1 s during which the thread holds
+    asynchronous signals back (they are delivered as soon as the slice ends):
+    a signal costs at most 0.1 s of latency and an arriving message none.
+    Everywhere else it is a plain wait (the slices cost ~25% of a share flood)."""
+    if (_SIGNAL_SAFE_GET or not isinstance(q, queue.SimpleQueue)
+            or threading.current_thread() is not threading.main_thread()
+            or not _returning_handler()):
         return q.get(True, timeout)
     try:
         return q.get_nowait()
@@ -1591,8 +1595,6 @@ def _timed_get(q, timeout):
             raise
     import signal
     sigs = _timed_get.sigs
-    if sigs is None:
-        sigs = _timed_get.sigs = {getattr(signal, n) for n in _ASYNC_SIGNALS if hasattr(signal, n)}
     deadline = time.monotonic() + timeout
     while True:
         left = deadline - time.monotonic()
@@ -1605,6 +1607,21 @@ def _timed_get(q, timeout):
             pass
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _returning_handler() -> bool:
+    """Whether a Python handler that returns is installed for one of the
+    asynchronous signals (see :func:`_timed_get`)."""
+    import _signal   # signal.getsignal() wraps the answer in an enum: 20x slower
+    sigs = _timed_get.sigs
+    if sigs is None:
+        sigs = _timed_get.sigs = {getattr(_signal, n) for n in _ASYNC_SIGNALS if hasattr(_signal, n)}
+    default, getsignal = _signal.default_int_handler, _signal.getsignal
+    for s in sigs:
+        h = getsignal(s)
+        if h is not default and callable(h):
+            return True
+    return False
 
 
 _timed_get.sigs = None
