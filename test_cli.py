@@ -697,7 +697,9 @@ def test_parse_time():
 def test_new_commands_have_help_and_links():
     for cmd in ("info", "export"):
         r = run(cmd, "--help")
-        assert r.returncode == 0 and r.stdout.startswith(f"usage: python3 mqbtt.py {cmd} ")
+        # the program as typed: the interpreter's name (python3, or python in a venv) and mqbtt.py
+        prog = f"{os.path.basename(sys.executable)} mqbtt.py"
+        assert r.returncode == 0 and r.stdout.startswith(f"usage: {prog} {cmd} "), r.stdout
         assert f"mqbtt_{cmd}" in mqbtt.link_names()
     r = run("dump", "--help")
     assert "+ watches every pair" in r.stdout and "{log,miner,optimizer,all}" in r.stdout
