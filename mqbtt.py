@@ -2563,14 +2563,14 @@ class MQbtTDataBase:
         """
         return self._select(pair_id, "log", min_timestamp, max_timestamp, text, desc)
 
-    def _select(self, pair_id, subtopic, min_timestamp, max_timestamp, text, desc):
+    @staticmethod
+    def _filters(pair_id=None, subtopic=None, min_timestamp=None, max_timestamp=None):
+        """``(conditions, params)`` of the usual filters (bound parameters, ``?``)."""
         where, params = [], []
         if pair_id is not None:
             where.append("pair_id = ?")
             params.append(pair_id)
         if subtopic is not None:
-            if subtopic not in SUBTOPICS:
-                raise ValueError(f"unknown subtopic {subtopic!r} (expected one of esp, log, shr, srv)")
             where.append("subtopic = ?")
             params.append(subtopic)
         if min_timestamp is not None:
@@ -2579,6 +2579,12 @@ class MQbtTDataBase:
         if max_timestamp is not None:
             where.append("timestamp <= ?")
             params.append(_epoch(max_timestamp, "max_timestamp"))
+        return where, params
+
+    def _select(self, pair_id, subtopic, min_timestamp, max_timestamp, text, desc):
+        if subtopic is not None and subtopic not in SUBTOPICS:
+            raise ValueError(f"unknown subtopic {subtopic!r} (expected one of esp, log, shr, srv)")
+        where, params = self._filters(pair_id, subtopic, min_timestamp, max_timestamp)
         if text is not None:
             # instr() on two BLOBs compares bytes: no LIKE wildcards, no escaping
             where.append("instr(message, ?) > 0")
@@ -2613,13 +2619,7 @@ class MQbtTDataBase:
 
     def count(self, pair_id: str | None = None, subtopic: str | None = None) -> int:
         """The number of stored messages (optionally of one pair and/or subtopic)."""
-        where, params = [], []
-        if pair_id is not None:
-            where.append("pair_id = ?")
-            params.append(pair_id)
-        if subtopic is not None:
-            where.append("subtopic = ?")
-            params.append(subtopic)
+        where, params = self._filters(pair_id, subtopic)
         sql = "SELECT count(*) FROM messages" + (" WHERE " + " AND ".join(where) if where else "")
         with self._lock:
             self._check_open()
@@ -2645,16 +2645,7 @@ class MQbtTDataBase:
           subtopic (0 included) and the times of the first and last message,
           as UTC datetimes and as seconds since the epoch.  Pairs without a
           message in the window are absent."""
-        where, params = [], []
-        if pair_id is not None:
-            where.append("pair_id = ?")
-            params.append(pair_id)
-        if min_timestamp is not None:
-            where.append("timestamp >= ?")
-            params.append(_epoch(min_timestamp, "min_timestamp"))
-        if max_timestamp is not None:
-            where.append("timestamp <= ?")
-            params.append(_epoch(max_timestamp, "max_timestamp"))
+        where, params = self._filters(pair_id, None, min_timestamp, max_timestamp)
         # SQLite columns hold any type: text or NULL written by another tool
         # must not become a pair's first or last time (review 3)
         t = ("CASE WHEN typeof(timestamp) IN ('integer', 'real') THEN timestamp END"
