@@ -1779,7 +1779,10 @@ class MQbtTOptimizer(MQbtTBase):
           acknowledge the request within :attr:`send_timeout`.
         :raises MQbtTDecodeError: if a payload on ``esp`` is not a Reply (it is
           consumed; the request stays pending, as after a timeout).
-        :raises MQbtTConnectionError: if the client is stopped meanwhile."""
+        :raises MQbtTSendError: if the client is stopped before the broker
+          acknowledged the request (it may or may not have been delivered).
+        :raises MQbtTConnectionError: if the client is stopped while the
+          request waits for its reply."""
         return _request(self, request, timeout)
 
     def discard_replies(self) -> int:

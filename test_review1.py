@@ -134,10 +134,42 @@ def test_request_threads_out_of_order_and_a_late_reply(broker):
             t.start()
         for _ in range(2):
             assert miner.receive_request(timeout=10).timestamp_min == 9
+        # both PUBACKs in: the threads wait for their replies (stopped before the
+        # PUBACK, request() raises MQbtTSendError instead: test_request_stopped_before_puback)
+        deadline = time.monotonic() + 30
+        while opt._waiting and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not opt._waiting
         opt.stop()
         for t in waiters:
             t.join(10)
         assert not any(t.is_alive() for t in waiters) and len(errors) == 2
+
+
+def test_request_stopped_before_puback(broker):
+    """request() blocked on the broker's PUBACK (broker hung with SIGSTOP) ends at stop()
+    with MQbtTSendError (the request may or may not have been delivered), not a hang."""
+    opt = MQbtTOptimizer(broker.uri, "nopuback")
+    errors = []
+
+    def ask():
+        try:
+            opt.request(Request(timestamp_min=1), timeout=60)
+        except mqbtt.MQbtTError as err:
+            errors.append(err)
+    os.kill(broker.proc.pid, signal.SIGSTOP)
+    try:
+        t = threading.Thread(target=ask)
+        t.start()
+        wait_until(lambda: opt._waiting, what="request() to wait for the PUBACK")
+        opt.stop()
+        t.join(10)
+        assert not t.is_alive()
+    finally:
+        os.kill(broker.proc.pid, signal.SIGCONT)
+    assert len(errors) == 1 and type(errors[0]) is mqbtt.MQbtTSendError, errors
+    assert "may or may not have been delivered" in str(errors[0])
+    assert opt._awaited == {}
 
 
 def test_request_with_extreme_and_colliding_ids(broker):
