@@ -428,7 +428,8 @@ def test_nagle_follows_traffic(broker):
     with MQbtTOptimizer(broker.uri, "ng") as opt, MQbtTMiner(broker.uri, "ng") as miner:
         miner.send_share(Share(nonce=1))
         opt.receive_share(timeout=10)
-        assert not nodelay(opt)
+        # the network thread queues the share, then switches Nagle on: await the switch
+        wait_for(lambda: not nodelay(opt), what="Nagle on after a share arrived")
         opt.send_request(Request(timestamp_min=1))
         assert nodelay(opt)
         assert miner.receive_request(timeout=10) == Request(timestamp_min=1)
