@@ -99,8 +99,10 @@ def test_quick_ack_is_active_after_acknowledged_publishes(stock, transport):
 def test_stock_broker_exchanges_and_recorded_latencies_do_not_stall(stock, tmp_path):
     # 20 request -> reply exchanges through a stock broker, recorded by the
     # recorder (which acknowledges only after its commits).  Without quick
-    # ACKs each takes ~44 ms; with them ~1-2 ms.  The bound is a generous
-    # 20 ms on the median, so a loaded machine does not make it flaky.
+    # ACKs each takes ~44 ms (the kernel's delayed ACK is at least 40 ms); with
+    # them ~1-2 ms.  The bound is a generous 30 ms on the median, so a loaded
+    # machine (GIL hand-offs between the four clients' threads in this process)
+    # does not make it flaky, and still below the 40 ms stall.
     db = tmp_path / "rec.db"
     started = threading.Event()
 
@@ -131,12 +133,12 @@ def test_stock_broker_exchanges_and_recorded_latencies_do_not_stall(stock, tmp_p
         rec.stop()
         t.join(30)
     assert not t.is_alive()
-    assert statistics.median(times) < 20, times
+    assert statistics.median(times) < 30, times
     with mqbtt.MQbtTDataBase(str(db)) as d:
         pairs = list(mqbtt.request_reply_pairs(d.records(pair_id="lat")))
     latencies = [lat * 1000 for _, reply, lat in pairs[1:] if reply is not None]
     assert len(latencies) == 20
-    assert statistics.median(latencies) < 20, latencies
+    assert statistics.median(latencies) < 30, latencies
 
 
 def test_without_the_option_nothing_is_set(stock, monkeypatch):

@@ -64,7 +64,8 @@ class Proc:
         def found():
             hit = next((x for x in list(lines) if predicate(x)), None)
             if hit is None and self.p.poll() is not None:
-                time.sleep(0.2)   # let the pump threads read the rest
+                for t in self._threads:   # let the pump threads read the rest
+                    t.join(10)
                 hit = next((x for x in list(lines) if predicate(x)), None)
                 if hit is None:
                     raise AssertionError(f"{self.args} exited {self.p.returncode} before {what}: "
@@ -613,7 +614,7 @@ def test_dump_optimizer_pairs_rtt_by_id(broker):
     with MQbtOptimizerPair(broker, "dmp") as (opt, miner):
         a = opt.send_request(Request(timestamp_min=1))
         miner.receive_request(timeout=10)
-        time.sleep(1.0)               # the data: request a is 1 s older than b
+        time.sleep(3.0)               # the data: request a is 3 s older than b
         b = opt.send_request(Request(timestamp_min=2))
         miner.receive_request(timeout=10)
         miner.send_reply(Reply(num_shares=2))                          # b, id copied
@@ -621,7 +622,8 @@ def test_dump_optimizer_pairs_rtt_by_id(broker):
     assert dump.wait() == 0, dump.err
     objs = {json.loads(x)["message"]["num_shares"]: json.loads(x) for x in dump.out}
     assert objs[2]["request_id"] == b.request_id and objs[1]["request_id"] == a.request_id
-    assert objs[2]["rtt"] < 0.9 <= objs[1]["rtt"], objs
+    # 1.5 s either way: a stalled dump process (a's RTT shrinks) or a slow b exchange
+    assert objs[2]["rtt"] < 1.5 <= objs[1]["rtt"], objs
     assert objs[1]["message"] == {"kind": "RESULT", "num_shares": 1, "new_block": False}
 
 
@@ -685,6 +687,8 @@ def test_replayed_replies_need_discard_stale_replies_false(broker, tmp_path):
         got = [reader.receive_reply(timeout=10) for _ in range(5)]
         assert [(g.num_shares, g.request_id) for g in got] == [(i, 1000 + i) for i in range(5)]
         assert reader.stale_replies == 0
+        # the five replies have reached strict too (its own network thread): then none is a reply
+        wait_for(lambda: strict._queues["esp"].qsize() >= 5, what="the replies at strict")
         with pytest.raises(Empty):
             strict.receive_reply(timeout=1)
         assert strict.stale_replies == 5
