@@ -76,7 +76,7 @@ SHARE = Share(version=0x20024000, prev_block=bytes(range(32)), merkle_root=bytes
               diff=1636.25, zeroes=42)
 
 
-def wait_for(cond, timeout=10.0, what="condition"):
+def wait_for(cond, timeout=60.0, what="condition"):
     """Poll *cond* until it is true (awaiting a condition, not sleeping blindly)."""
     deadline = time.monotonic() + timeout
     while not cond():
@@ -555,7 +555,7 @@ def test_reconnects_and_resubscribes_after_broker_restart(broker):
     """The broker forgets every session (no persistence): subscriptions are renewed on reconnect."""
     with MQbtTOptimizer(broker.uri, "rc") as opt, MQbtTMiner(broker.uri, "rc") as miner:
         broker.restart()
-        wait_for(lambda: opt.connections >= 2 and miner.connections >= 2, 20, "reconnection")
+        wait_for(lambda: opt.connections >= 2 and miner.connections >= 2, 60, "reconnection")
         opt.send_request(Request(timestamp_min=1))
         assert miner.receive_request(timeout=10) == Request(timestamp_min=1)
         miner.send_reply(Reply(num_shares=9))
@@ -570,7 +570,7 @@ def test_blocking_send_times_out_then_delivers_once(persistent_broker):
         with pytest.raises(MQbtTSendTimeout):
             opt.send_request(Request(timestamp_min=42), timeout=0.5)
         b.start()
-        wait_for(lambda: opt.connections >= 2 and miner.connections >= 2, 20, "reconnection")
+        wait_for(lambda: opt.connections >= 2 and miner.connections >= 2, 60, "reconnection")
         assert miner.receive_request(timeout=15) == Request(timestamp_min=42)
         with pytest.raises(Empty):
             miner.receive_request(timeout=1.0)   # exactly once: no duplicate
