@@ -167,11 +167,12 @@ def test_dump_every_pair_all_mode(broker):
     one = Proc(mqbtt_cmd("dump", "--broker", broker.uri, "--pid", "p1", "--mode", "all",
                          "--count", "4"))
     one_js = Proc(mqbtt_cmd("dump", "--broker", broker.uri, "--pid", "p1", "--json", "--count", "2"))
+    # four interpreters starting at once: a loaded machine takes its time
     for p in (text, js):
         p.wait_err(r"^mqbtt dump: listening to mqbtt/\+/srv, mqbtt/\+/esp, mqbtt/\+/shr, "
-                   r"mqbtt/\+/log on ")
-    one.wait_err(r"^mqbtt dump: listening to mqbtt/p1/srv, ")
-    one_js.wait_err(r"^mqbtt dump: listening to mqbtt/p1/esp, mqbtt/p1/shr on")
+                   r"mqbtt/\+/log on ", 60)
+    one.wait_err(r"^mqbtt dump: listening to mqbtt/p1/srv, ", 60)
+    one_js.wait_err(r"^mqbtt dump: listening to mqbtt/p1/esp, mqbtt/p1/shr on", 60)
     sent = {"p1": session(broker, "p1", n=1, shares_per_request=1),
             "p2": session(broker, "p2", n=1, shares_per_request=1)}
     weird = "we ird\u2028x"
