@@ -94,8 +94,8 @@ class PtyProc:
 
     def wait(self, timeout=30):
         rc = self.p.wait(timeout)
-        self._t.join(5)
-        self._o.join(5)
+        self._t.join(30)     # the terminal drained before it is closed under the reader
+        self._o.join(30)
         os.close(self.master)
         return rc
 
