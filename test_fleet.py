@@ -372,7 +372,7 @@ class Tmux:
     def keys(self, *keys):
         assert self.tmux("send-keys", "-t", "t", *keys).returncode == 0
 
-    def exit_status(self, timeout=15.0):
+    def exit_status(self, timeout=60.0):
         text = wait_until(lambda: self.exit_file.exists() and self.exit_file.read_text().strip(),
                           timeout, 0.05, "the command to exit")
         return int(text.split("=")[1])
@@ -603,7 +603,7 @@ def test_top_unreachable_broker_one_line():
 # mqbtt exporter, promtool and a real Prometheus
 # ---------------------------------------------------------------------------
 
-def http_get(url, timeout=5):
+def http_get(url, timeout=30):
     with urllib.request.urlopen(url, timeout=timeout) as r:
         return r.read().decode()
 
@@ -680,9 +680,10 @@ class Prometheus:
         self.log.close()
 
 
-def publish(broker, topic_name, payload, qos=1):
+def publish(broker, topic_name, payload, qos=1, retain=False):
     r = subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", str(broker.port), "-q", str(qos),
-                        "-t", topic_name, "-s"], input=payload, capture_output=True, timeout=20)
+                        "-t", topic_name, "-s", *(["-r"] if retain else [])], input=payload,
+                       capture_output=True, timeout=20)
     assert r.returncode == 0, r.stderr
 
 
@@ -761,7 +762,9 @@ def test_exporter_scraped_by_prometheus(broker, tmp_path, exporters, procs):
     wait_until(lambda: exp.samples("mqbtt_broker_connected") == {(): 0.0}, 20, what="connected 0")
     broker.start()
     wait_until(lambda: exp.samples("mqbtt_broker_connected") == {(): 1.0}, 40, what="connected 1")
-    publish(broker, "mqbtt/p3/log", b"after the restart")
+    # retained: the gauge says connected at the CONNACK, before the exporter's SUBSCRIBE (its
+    # session is clean) reaches the broker; subscribed before or after, it gets it once
+    publish(broker, "mqbtt/p3/log", b"after the restart", retain=True)
     wait_until(lambda: exp.samples("mqbtt_messages_total")[(("pair_id", "p3"), ("subtopic", "log"))] == 6,
                20, what="counting after a reconnect")
     code, took, out, err = exp.stop(signal.SIGTERM)

@@ -250,7 +250,7 @@ class Tmux:
         except AssertionError:
             raise AssertionError(f"timed out waiting for {what}; screen:\n{self.screen()}") from None
 
-    def exit_status(self, timeout=15.0):
+    def exit_status(self, timeout=60.0):
         text = wait_until(lambda: self.exit_file.exists() and self.exit_file.read_text().strip(),
                           timeout, 0.05, "the command to exit")
         return int(text.split("=")[1])
@@ -318,10 +318,11 @@ def test_top_plain_output_uses_safe_text_and_no_burst_after_a_stall(broker):
         os.kill(p.pid, signal.SIGCONT)
         wait_until(lambda: len(titles) > n, 30, what="a table after SIGCONT")
         first = titles[n]
-        # every table printed in the next 0.4 s of the writer's life: a burst would be 8
+        # every table read in the next 0.4 s: a burst would be 8 at once; one table every
+        # 0.5 s gives 1, or a few if this reader itself was held up for a while under load
         wait_until(lambda: time.monotonic() - first > 1.5, 5, what="1.5 s after the first table")
         burst = [t for t in titles[n:] if t - first < 0.4]
-        assert len(burst) <= 2, titles[n:]
+        assert len(burst) <= 4, titles[n:]
         t0 = time.monotonic()
         p.send_signal(signal.SIGTERM)
         p.wait(15)

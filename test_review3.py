@@ -8,6 +8,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -211,9 +212,11 @@ def test_replay_on_rows_of_another_tool(broker, tmp_path):
     got = []
     sub = publisher(broker)
     sub.on_message = lambda c, u, m: got.append(m.topic)
+    subscribed = threading.Event()
+    sub.on_subscribe = lambda *a: subscribed.set()
     sub.subscribe("mqbtt/p1/#", 1)
-    time.sleep(0.3)   # the SUBACK: paho gives no wait here; generous for load
     try:
+        assert subscribed.wait(60), "no SUBACK"   # not subscribed yet: a replay would be lost
         for pid, speed in (("p1", "0"), ("p4", "1"), ("p1", "1000")):
             r = run("replay", "--db", str(db), "--pid", pid, "--to-pid", "p1", "--speed", speed,
                     "--broker", broker.uri)
@@ -252,15 +255,12 @@ def test_dump_every_pair_pairs_replies_by_pair_and_request_id(broker):
                           "--json", "--count", "4", "--duration", "60"))
     pub = publisher(broker)
     try:
-        # dump prints nothing before it subscribes: publish a probe until it shows
-        def seen_probe():
-            pub.publish("mqbtt/probe/esp", Reply(kind=Kind.HELLO).to_bytes(), qos=1).wait_for_publish(10)
-            time.sleep(0.2)
-            return dump.out
-        wait_for(seen_probe, 30, "dump subscribed")
+        # dump says it listens once subscribed (a probe published until it showed could
+        # print more probe lines afterwards, taken for the replies)
+        dump.wait_err(r"^mqbtt dump: listening ", 60)
         n0 = len(dump.out)
         pub.publish("mqbtt/a/srv", Request(nonce_size=1, request_id=7).to_bytes(), qos=1).wait_for_publish(10)
-        time.sleep(0.3)
+        time.sleep(1.0)     # the data: a's request 1 s before b's (a margin for a loaded dump)
         pub.publish("mqbtt/b/srv", Request(nonce_size=2, request_id=7).to_bytes(), qos=1).wait_for_publish(10)
         time.sleep(0.3)
         pub.publish("mqbtt/b/esp", Reply(kind=Kind.RESULT, request_id=7).to_bytes(), qos=1).wait_for_publish(10)
@@ -274,8 +274,8 @@ def test_dump_every_pair_pairs_replies_by_pair_and_request_id(broker):
     lines = [json.loads(l) for l in dump.out[n0:n0 + 2]]
     assert [(x["pair_id"], x["topic"]) for x in lines] == [("b", "mqbtt/b/esp"), ("a", "mqbtt/a/esp")]
     rb, ra = lines[0]["rtt"], lines[1]["rtt"]
-    # a's request went out ~0.3 s before b's: a's RTT is the longer one
-    assert ra > rb + 0.2, (ra, rb)
+    # a's request went out ~1 s before b's: a's RTT is the longer one
+    assert ra > rb + 0.5, (ra, rb)
 
 
 def test_info_on_a_recording_in_a_read_only_directory(tmp_path):

@@ -295,6 +295,18 @@ def test_copy_back_into_the_origin_adds_nothing(pg_url, tmp_path):
     assert mqbtt.copy(b, a) == (0, 101)
 
 
+def unread_bytes_at(port):
+    """The bytes received and not yet read by the established IPv4 TCP sockets
+    listening-side on *port* (the rx_queue column of /proc/net/tcp)."""
+    total = 0
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01":
+                total += int(fields[4].split(":")[1], 16)
+    return total
+
+
 def test_recorder_stops_when_postgresql_hangs(broker):
     """A server that stops answering (SIGSTOP) under a recorder: SIGINT used
     to wait for ever (and SIGTERM too); now the write is interrupted: one
@@ -319,7 +331,10 @@ def test_recorder_stops_when_postgresql_hangs(broker):
                 os.kill(pid, signal.SIGSTOP)
                 stopped.append(pid)
             m.send_log("while stuck")
-            time.sleep(1.0)   # the recorder is now waiting for the server's answer
+            # the recorder is now waiting for the server's answer: its write sits unread in
+            # the stopped server's socket (SIGINT before that would find it idle)
+            wait_for(lambda: unread_bytes_at(own.port) > 0, 60,
+                     "the recorder's write to the stopped server")
         t0 = time.monotonic()
         rec.p.send_signal(signal.SIGINT)
         assert rec.wait(40) == 1

@@ -158,7 +158,8 @@ def test_clean_stop_acks_reach_the_broker(tmp_path):
         rec.stop()                       # their PUBACKs are still on the slow link
         t.join(60)
         assert not t.is_alive() and out["n"] == len(sent)
-        assert all(info._published for info in infos)
+        # the publisher's PUBACKs: read by its own network thread, independently of the recorder
+        wait_for(lambda: all(info._published for info in infos), what="the publisher's PUBACKs")
         # nothing the recorder sent before closing was lost in transit, and a
         # restart with the same client id gets nothing again
         rec, t, out = run_recorder(uri, db, cid)
@@ -171,6 +172,8 @@ def test_clean_stop_acks_reach_the_broker(tmp_path):
         assert not t.is_alive()
         got = messages(db)
         assert sorted(got) == sorted(sent + more), f"duplicates or losses: {got}"
+        # both connections' ends seen by the relay's threads (what was in transit then)
+        wait_for(lambda: len(link.dropped) >= 2, what="the relay to see both connections end")
         assert link.dropped and all(b"\x40\x02" not in d for d in link.dropped), \
             f"PUBACKs lost in transit: {link.dropped}"
     finally:

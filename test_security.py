@@ -495,6 +495,9 @@ class HostileHTTP:
         self.style, self.gap, self.sent, self.stop = style, gap, 0, threading.Event()
         self.location = location
         self.body = body or json.dumps(system_info(5)).encode()
+        # made before serving: compressing 64 MiB in the handler could take a loaded
+        # machine longer than the client's timeout
+        self.bomb = gzip.compress(b" " * (64 << 20)) if style == "gzip-bomb" else None
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -543,7 +546,7 @@ class HostileHTTP:
                         while not fake.stop.is_set():
                             self.out(chunk)
                     elif fake.style == "gzip-bomb":
-                        bomb = gzip.compress(b" " * (64 << 20))
+                        bomb = fake.bomb
                         self.out((f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
                                   f"Content-Encoding: gzip\r\nContent-Length: {len(bomb)}\r\n\r\n")
                                  .encode() + bomb)
@@ -679,7 +682,7 @@ def wslog_until(address, path, text, timeout=30):
                  timeout=timeout, what=f"{text!r} in {path}")
     finally:
         stop.set()
-        t.join(10)
+        t.join(60)
     if "err" in result:
         raise result["err"]
     return result["n"], time.monotonic() - t0
