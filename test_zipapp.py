@@ -89,6 +89,12 @@ class TestBuild:
         # no stale bytecode; an extension compiled for one CPython only (psycopg-binary,
         # build_zipapp.PSYCOPG_BINARY_PYTHONS) comes for each of 3.10-3.13
         assert not [n for n in names if n.endswith(".pyc")]
+        # what only pip and type checkers read is left out (fewer entries: every start
+        # reads the zip's directory); what importlib.metadata and licences need stays
+        assert not [n for n in names if n.endswith((".pyi", "/RECORD", "/INSTALLER", "/WHEEL"))]
+        assert "site-packages/bin/" not in names      # no shiv preamble any more
+        assert [n for n in names if n.startswith("site-packages/psycopg-")
+                and n.endswith(".dist-info/METADATA")]
         per_version = {}
         for n in names:
             m = re.search(r"^(.*)\.cpython-(\d+)-[^/]*\.so$", n)
@@ -112,7 +118,7 @@ def test_version_under_each_python(dist, version):
     result = run([python_for(version), dist.pyz, "--version"], env=dist.env)
     assert result.returncode == 0, result.stderr
     assert result.stdout == f"mqbtt {mqbtt.__version__}\n"
-    # the preamble leaves mqbtt.py's bytecode for this Python (even with PYTHONDONTWRITEBYTECODE)
+    # the entry module leaves mqbtt.py's bytecode for this Python (even with PYTHONDONTWRITEBYTECODE)
     tag = "cpython-" + version.replace(".", "")
     assert list(dist.shiv_root.glob(f"mqbtt.pyz_*/site-packages/__pycache__/mqbtt.{tag}.pyc"))
 
@@ -137,7 +143,7 @@ def test_concurrent_first_start(dist, tmp_path):
     assert len(list((tmp_path / "fresh").glob("mqbtt.pyz_*"))) == 1
 
 
-def test_preamble_removes_unused_old_builds(dist, tmp_path):
+def test_entry_module_removes_unused_old_builds(dist, tmp_path):
     env = dict(dist.env, SHIV_ROOT=str(tmp_path / "root"))
     for pyz in (dist.pyz, dist.new):
         assert run([sys.executable, pyz, "--version"], env=env).returncode == 0
