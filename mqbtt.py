@@ -1113,16 +1113,22 @@ class _Connection:
       returned, the broker refuses the credentials (then no more retries) or
       a subscription.
     :param on_drop: called with the seconds the lost connection lasted.
+    :param retry_refusals: after :meth:`start` returned, keep retrying (with
+      the usual back-off, one *notify* line per outage) when the broker refuses
+      the credentials, instead of giving up: for monitors (``FleetStats``),
+      which must come back once the password file or ACL is fixed.
     :param kwargs: more :class:`paho.mqtt.client.Client` arguments (``manual_ack``).
     """
 
     def __init__(self, broker: BrokerURI, client_id: str, clean_session: bool,
                  subscriptions: list, on_message, keepalive=60, notify=None, *,
-                 on_fatal=None, on_drop=None, **kwargs):
+                 on_fatal=None, on_drop=None, retry_refusals=False, **kwargs):
         self.broker = broker
         self.notify = notify or log.info
         self.on_fatal = on_fatal
         self.on_drop = on_drop
+        self.retry_refusals = retry_refusals
+        self.refused = False      # a refusal of the credentials was reported (retry_refusals)
         self.stopping = False
         self.started = False
         self.client_id = client_id
@@ -1192,6 +1198,12 @@ class _Connection:
                 self.notify(f"broker {self.broker} refused the connection ({reason_code}); "
                             "retrying")
                 return
+            if self.started and self.retry_refusals:
+                if not self.refused:      # one line per outage, not one per attempt
+                    self.refused = True
+                    self.notify(f"broker {self.broker} refused the connection of client id "
+                                f"{self.client_id!r}: {reason_code}; retrying (at most every 30 s)")
+                return
             client.disconnect()
             self._fail(MQbtTConnectionError(
                 f"broker {self.broker} refused the connection of client id "
@@ -1201,6 +1213,7 @@ class _Connection:
             self.generation += 1
             self.connected = True
             self.connected_at = time.monotonic()
+            self.refused = False
             self.cond.notify_all()
         if self.generation > 1:
             self.notify(f"reconnected to {self.broker} (session present: {flags.session_present})")
@@ -6054,7 +6067,11 @@ class FleetStats:
     :param keepalive: the MQTT keepalive, in seconds.
 
     The connection is a clean session at QoS 1 (receive times are those of
-    the PUBLISH packets), re-subscribed after every reconnect.  Rates are
+    the PUBLISH packets), re-subscribed after every reconnect.  Once
+    :meth:`start` returned it reconnects by itself, also after the broker
+    refused its credentials (the password file or ACL changed): a monitor
+    comes back when they are fixed, and :attr:`connected` is False meanwhile
+    (:attr:`last_event` says why).  Rates are
     "per minute": the messages of the last 60 s, divided by the time watched
     within those 60 s (at least 10 s, so a burst just after the start does not
     show as thousands per minute).  Round trips pair each reply with the
@@ -6193,7 +6210,8 @@ class FleetStats:
             return self                      # already started (a stopped one reconnects)
         self._t0 = time.time()
         conn = _Connection(self.broker, self.client_id, True, self.subscriptions,
-                           self._on_message, self.keepalive, self._notify, on_fatal=self._fatal)
+                           self._on_message, self.keepalive, self._notify, on_fatal=self._fatal,
+                           retry_refusals=True)
         self._conn = conn
         try:
             conn.start(connect_timeout)

@@ -928,3 +928,41 @@ def test_fleet_stats_live(broker, procs):
     assert s.start().connected                  # and it can start again
     s.stop()
     assert [x.messages["srv"] for x in s.pairs()] == [10]   # the statistics stay
+
+
+def test_exporter_comes_back_after_a_credentials_refusal(exporters):
+    """The broker's password file changes under a running exporter: it keeps serving
+    /metrics with mqbtt_broker_connected 0, says so once however often it retries, and
+    reconnects by itself (counting again) once the password works again."""
+    b = LocalBroker(users={"mon": "pw-1"}).start()
+    try:
+        exp = Exporter(f"mqtt://mon:pw-1@127.0.0.1:{b.port}")
+        exporters.append(exp)
+        wait_until(lambda: exp.samples("mqbtt_broker_connected") == {(): 1.0}, 30, what="connected")
+        b.stop()
+        b.set_users({"mon": "pw-2"})
+        b.start()
+        # refused at least twice (paho's back-off: 1 s, 2 s, ...), still serving
+        wait_until(lambda: b.log().count("not authorised") >= 2, 60, what="two refused reconnects")
+        assert exp.samples("mqbtt_broker_connected") == {(): 0.0} and exp.proc.poll() is None
+        b.stop()
+        b.set_users({"mon": "pw-1"})
+        b.start()
+        wait_until(lambda: exp.samples("mqbtt_broker_connected") == {(): 1.0}, 90,
+                   what="reconnected once the password works again")
+
+        def sent():
+            r = subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", str(b.port), "-u", "mon",
+                                "-P", "pw-1", "-q", "1", "-t", "mqbtt/back/log", "-m", "x"],
+                               capture_output=True, timeout=20)
+            assert r.returncode == 0, r.stderr
+            return exp.samples("mqbtt_messages_total").get((("pair_id", "back"), ("subtopic", "log")))
+        wait_until(sent, 30, what="counting again")   # re-subscribed (clean session)
+        code, took, out, err = exp.stop(signal.SIGTERM)
+        assert code == 0 and out == "" and "Traceback" not in err
+        refused = [x for x in err.splitlines() if "refused" in x]
+        assert len(refused) == 1, err
+        assert "Not authorized; retrying" in refused[0] and "pw-1" not in err and "pw-2" not in err
+        assert "reconnected to mqtt://mon:***@" in err
+    finally:
+        b.cleanup()
