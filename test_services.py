@@ -38,18 +38,10 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 import mqbtt  # noqa: E402
 from local_broker import free_port  # noqa: E402
+from testlib import wait_for  # noqa: E402
 
 SECRET = "s3cr3t-Pa55-9f2c7e"
 O2_USER = "ops@example.org"
-
-
-def wait_for(predicate, timeout=60.0, what="condition"):
-    """Wait until *predicate()* is true (polling), fail after *timeout*."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 # ---------------------------------------------------------------------------
