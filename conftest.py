@@ -167,6 +167,20 @@ def mtls_broker(pki):
     b.cleanup()
 
 
+@pytest.fixture
+def ws_server():
+    """make(sessions, refuse=None): a testlib.FakeWS log websocket, closed after the test."""
+    from testlib import FakeWS
+    servers = []
+
+    def make(sessions, refuse=None):
+        servers.append(FakeWS(sessions, refuse))
+        return servers[-1]
+    yield make
+    for s in servers:
+        s.close()
+
+
 @pytest.fixture(autouse=True)
 def _no_default_broker(monkeypatch):
     # a test that forgets to pass its broker must fail, not reach the public host

@@ -42,8 +42,8 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 import mqbtt  # noqa: E402
 from local_broker import LocalBroker, free_port  # noqa: E402
-from test_services import FakeWS, HOLD, system_info  # noqa: E402
-from testlib import pyenv_python, wait_for  # noqa: E402
+from test_services import system_info  # noqa: E402
+from testlib import HOLD, pyenv_python, wait_for  # noqa: E402
 
 PY = sys.executable
 SECRET = "Zx9-S3cretPass-q7"
@@ -602,18 +602,6 @@ def test_restart_command_honours_its_timeout(hostile):
 # ---------------------------------------------------------------------------
 # 10, 11. wslog: long lines, linear framing, escapes
 # ---------------------------------------------------------------------------
-
-@pytest.fixture
-def ws_server():
-    servers = []
-
-    def make(sessions):
-        servers.append(FakeWS(sessions))
-        return servers[-1]
-    yield make
-    for s in servers:
-        s.close()
-
 
 def wslog_until(address, path, text, timeout=30):
     stop = threading.Event()

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 import urllib.request
+from http import HTTPStatus
 
 import pytest
 
@@ -234,6 +235,63 @@ def http_get(url, timeout=30):
     """The body of *url* (GET), decoded."""
     with urllib.request.urlopen(url, timeout=timeout) as r:
         return r.read().decode()
+
+
+# -- fake services -----------------------------------------------------------------
+
+DROP, CLOSE, HOLD = "<drop>", "<close>", "<hold>"
+
+
+class FakeWS:
+    """``/api/ws``: session *i* (the last one repeats) is a list of frames
+    (str: text frame, bytes: binary frame) and a final DROP (abrupt TCP
+    close), CLOSE (websocket close) or HOLD (keep open until the end).
+    *refuse(attempt)* may return an HTTP status to refuse a handshake."""
+
+    def __init__(self, sessions, refuse=None):
+        self.sessions = sessions
+        self.refuse = refuse
+        self.attempts = 0
+        self.connections = 0
+        self.paths = []
+        self.release = threading.Event()
+        from websockets.sync.server import serve
+        self._server = serve(self._handler, "127.0.0.1", 0, compression=None,
+                             process_request=self._process, ping_interval=None)
+        self.port = self._server.socket.getsockname()[1]
+        self.address = f"127.0.0.1:{self.port}"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def _process(self, connection, request):
+        self.paths.append(request.path)
+        attempt = self.attempts
+        self.attempts += 1
+        status = self.refuse(attempt) if self.refuse else None
+        if status:
+            return connection.respond(HTTPStatus(status), HTTPStatus(status).phrase + "\n")
+        if request.path != "/api/ws":
+            return connection.respond(HTTPStatus.NOT_FOUND, "Not Found\n")
+        return None
+
+    def _handler(self, conn):
+        i = self.connections
+        self.connections += 1
+        for action in self.sessions[min(i, len(self.sessions) - 1)]:
+            if action == DROP:
+                conn.close_socket()
+                return
+            if action == CLOSE:
+                conn.close()
+                return
+            if action == HOLD:
+                self.release.wait(30)
+                return
+            conn.send(action)
+
+    def close(self):
+        """Release the held sessions and stop serving."""
+        self.release.set()
+        self._server.shutdown()
 
 
 # -- MQTT traffic -------------------------------------------------------------------
