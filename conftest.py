@@ -4,13 +4,14 @@ No test ever talks to the public default broker: every test passes the URI of
 the broker started here.
 """
 import os
+import subprocess
 import sys
 
 import pytest
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(ROOT, "examples"))
-from local_broker import LocalBroker, mosquitto_path  # noqa: E402
+from local_broker import LocalBroker, free_port, mosquitto_path  # noqa: E402
 
 # Hypothesis explores new random examples at every run on a developer's machine; under
 # CI (``$CI`` set, as .ci/run does) it runs a fixed set, so that one CI run cannot fail
@@ -102,6 +103,94 @@ def persistent_broker():
     b = LocalBroker(persistence=True).start()
     yield b
     b.cleanup()
+
+
+@pytest.fixture
+def flood_broker():
+    """A broker that queues without limit for a disconnected persistent
+    session (the setting a recording site needs, see the README)."""
+    b = LocalBroker(extra="max_queued_messages 0\nmax_queued_bytes 0").start()
+    yield b
+    b.cleanup()
+
+
+@pytest.fixture(scope="session")
+def pg():
+    """One private PostgreSQL for the whole session (examples/local_postgres.py)."""
+    from local_postgres import LocalPostgres
+    server = LocalPostgres().start()
+    yield server
+    server.cleanup()
+
+
+_dbs = iter(range(10 ** 6))
+
+
+@pytest.fixture
+def pg_url(pg):
+    """A fresh, empty database of the private cluster (URL with the password)."""
+    return pg.create_db(f"t{next(_dbs)}")
+
+
+EC = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1")   # fast to make
+
+
+def openssl(cwd, *args):
+    """Run ``openssl ARGS`` in *cwd* (failing on an error)."""
+    subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    """Two CAs made with openssl: ``ca`` signs the broker's certificate and
+    the good client certificates, ``rogue`` signs a client certificate the
+    broker must refuse.  Also an encrypted key and a mismatched key."""
+    d = tmp_path_factory.mktemp("pki")
+    for ca in ("ca", "rogue"):
+        openssl(d, "req", "-x509", *EC, "-nodes", "-days", "2", "-keyout",
+                f"{ca}.key", "-out", f"{ca}.crt", "-subj", f"/CN=mqbtt test {ca}")
+    (d / "server.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    (d / "client.ext").write_text("extendedKeyUsage=clientAuth\n")
+
+    def cert(name, ca, ext, extra=()):
+        openssl(d, "req", *EC, "-nodes", "-keyout", f"{name}.key", "-out",
+                f"{name}.csr", "-subj", f"/CN={name}")
+        openssl(d, "x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key",
+                "-CAcreateserial", "-out", f"{name}.crt", "-days", "2", "-extfile", ext)
+    cert("server", "ca", "server.ext")
+    cert("client", "ca", "client.ext")
+    cert("intruder", "rogue", "client.ext")
+    openssl(d, "pkey", "-in", "client.key", "-aes256", "-passout", "pass:hunter2", "-out", "enc.key")
+    (d / "both.pem").write_text((d / "client.crt").read_text() + (d / "client.key").read_text())
+    (d / "garbage.pem").write_text("not a certificate\n")
+    return d
+
+
+@pytest.fixture(scope="module")
+def mtls_broker(pki):
+    """A private Mosquitto requiring a client certificate of the *pki* CA on
+    ``tls_port`` (and plain MQTT on ``port``)."""
+    port = free_port()
+    b = LocalBroker(listeners=(f"listener {port} 127.0.0.1\ncafile {pki}/ca.crt\n"
+                               f"certfile {pki}/server.crt\nkeyfile {pki}/server.key\n"
+                               "require_certificate true\n")).start()
+    b.tls_port = port
+    yield b
+    b.cleanup()
+
+
+@pytest.fixture
+def ws_server():
+    """make(sessions, refuse=None): a testlib.FakeWS log websocket, closed after the test."""
+    from testlib import FakeWS
+    servers = []
+
+    def make(sessions, refuse=None):
+        servers.append(FakeWS(sessions, refuse))
+        return servers[-1]
+    yield make
+    for s in servers:
+        s.close()
 
 
 @pytest.fixture(autouse=True)

@@ -24,17 +24,12 @@ import pytest
 
 import mqbtt
 from mqbtt import MQbtTDataBase, MQbtTRecord, Reply, Request, Share, Kind
-from test_record import Proc, count_rows, mqbtt_cmd, publisher, session, start_recorder, wait_for
+from testlib import ROOT, Proc, count_rows, mqbtt_cmd, publisher, session, start_recorder, wait_for
+from testlib import run_cli as run
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
 UTC = datetime.timezone.utc
 STAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}[+-]\d{4}"
 UNREACHABLE = "mqtt://127.0.0.1:1"
-
-
-def run(*args, timeout=60, **kw):
-    return subprocess.run(mqbtt_cmd(*args), cwd=ROOT, capture_output=True, text=True,
-                          errors="surrogateescape", timeout=timeout, **kw)
 
 
 def assert_usage_error(r, *needles):

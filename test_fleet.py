@@ -10,7 +10,6 @@ import json
 import math
 import os
 import re
-import shlex
 import signal
 import socket
 import subprocess
@@ -25,27 +24,10 @@ import pytest
 
 import mqbtt
 from local_broker import LocalBroker, free_port
+from testlib import ROOT, Tmux, http_get, start_echo, wait_until
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
 MQBTT = os.path.join(ROOT, "mqbtt.py")
 DASHBOARD = os.path.join(ROOT, "examples", "grafana-dashboard.json")
-
-
-def wait_until(predicate, timeout=30.0, interval=0.1, what="condition"):
-    """Poll *predicate* until it returns a true value (returned), or fail."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while True:
-        try:
-            last = predicate()
-        except (OSError, ValueError) as err:   # a server not up yet, a half-written file
-            last = err
-        else:
-            if last:
-                return last
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}; last: {last!r}")
-        time.sleep(interval)
 
 
 # ---------------------------------------------------------------------------
@@ -271,13 +253,6 @@ class TestFleetStats:
 # live traffic: echo miners, examples/optimizer.py, shares and log lines
 # ---------------------------------------------------------------------------
 
-def start_echo(broker, pid):
-    p = subprocess.Popen([sys.executable, MQBTT, "echo", "--broker", broker.uri, pid],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    assert "answering" in p.stderr.readline()      # subscribed: no request is lost
-    return p
-
-
 def run_optimizer(broker, pid):
     env = dict(os.environ, MQBTT_BROKER=broker.uri)
     r = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "optimizer.py"), pid],
@@ -334,52 +309,6 @@ def procs():
 # ---------------------------------------------------------------------------
 # mqbtt top in tmux
 # ---------------------------------------------------------------------------
-
-class Tmux:
-    """A private tmux server (own socket, no user configuration) with one session."""
-
-    def __init__(self, tmp_path, width=150, height=24):
-        self.sock = str(tmp_path / "tmux.sock")
-        self.width, self.height = width, height
-        self.exit_file = tmp_path / "exit"
-        self.pid_file = tmp_path / "pid"
-
-    def tmux(self, *args):
-        return subprocess.run(["tmux", "-S", self.sock, "-f", "/dev/null", *args],
-                              capture_output=True, text=True, timeout=20)
-
-    def run(self, args, env=""):
-        """Run ``mqbtt ARGS`` in the session; its pid goes to pid_file and
-        ``EXIT=<status>`` to exit_file when it ends."""
-        inner = f"echo $$ > {self.pid_file}; exec {env} {shlex.quote(sys.executable)} " + \
-            " ".join(shlex.quote(a) for a in [MQBTT, *args])
-        command = f"cd {shlex.quote(ROOT)}; sh -c {shlex.quote(inner)}; echo EXIT=$? > {self.exit_file}; sleep 120"
-        r = self.tmux("new-session", "-d", "-s", "t", "-x", str(self.width), "-y", str(self.height),
-                      command)
-        assert r.returncode == 0, r.stderr
-        self.pid = int(wait_until(lambda: self.pid_file.read_text().strip(), 20, what="pid file"))
-
-    def screen(self, escapes=False):
-        return self.tmux("capture-pane", "-p", "-t", "t", *(["-e"] if escapes else [])).stdout
-
-    def wait_screen(self, predicate, timeout=30.0, what="screen", escapes=False):
-        try:
-            return wait_until(lambda: (lambda s: s if predicate(s) else None)(self.screen(escapes)),
-                              timeout, 0.2, what)
-        except AssertionError:
-            raise AssertionError(f"timed out waiting for {what}; screen:\n{self.screen()}") from None
-
-    def keys(self, *keys):
-        assert self.tmux("send-keys", "-t", "t", *keys).returncode == 0
-
-    def exit_status(self, timeout=60.0):
-        text = wait_until(lambda: self.exit_file.exists() and self.exit_file.read_text().strip(),
-                          timeout, 0.05, "the command to exit")
-        return int(text.split("=")[1])
-
-    def kill(self):
-        self.tmux("kill-server")
-
 
 @pytest.fixture
 def tmux(tmp_path):
@@ -602,11 +531,6 @@ def test_top_unreachable_broker_one_line():
 # ---------------------------------------------------------------------------
 # mqbtt exporter, promtool and a real Prometheus
 # ---------------------------------------------------------------------------
-
-def http_get(url, timeout=30):
-    with urllib.request.urlopen(url, timeout=timeout) as r:
-        return r.read().decode()
-
 
 class Exporter:
     def __init__(self, broker_uri, *args):

@@ -26,7 +26,7 @@ import pytest
 import mqbtt
 from mqbtt import (MQbtTConnectionError, MQbtTDataBase, MQbtTError, MQbtTMiner, MQbtTOptimizer,
                    MQbtTRecord, MQbtTSendError, MQbtTSendTimeout, Reply, Request, Share)
-from test_mqbtt import raw_client, wait_for
+from testlib import raw_client, wait_for
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 MQBTT = os.path.join(ROOT, "mqbtt.py")

@@ -11,7 +11,6 @@ that exchanges are far from the 40 ms stall.
 import os
 import socket
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -24,26 +23,13 @@ sys.path.insert(0, os.path.join(ROOT, "examples"))
 import mqbtt  # noqa: E402
 from local_broker import LocalBroker, free_port  # noqa: E402
 from mqbtt import MQbtTMiner, MQbtTOptimizer, Reply, Request, Share  # noqa: E402
-
-def _make_ca(d):
-    """A CA and a server certificate for 127.0.0.1/localhost, made with openssl."""
-    d.mkdir()
-    run = lambda *a: subprocess.run(a, check=True, capture_output=True, cwd=d)  # noqa: E731
-    run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-        "-keyout", "ca.key", "-out", "ca.crt", "-subj", "/CN=mqbtt latency test CA")
-    run("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key",
-        "-out", "server.csr", "-subj", "/CN=localhost")
-    (d / "ext.cnf").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-    run("openssl", "x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-        "-CAcreateserial", "-out", "server.crt", "-days", "2", "-extfile", "ext.cnf")
-    return d
-
+from testlib import make_ca  # noqa: E402
 
 @pytest.fixture(scope="module")
 def stock(tmp_path_factory):
     """A stock Mosquitto with four listeners: TCP, TLS, websockets, secure
     websockets; ``stock.uris`` maps each transport to its URI."""
-    ca = _make_ca(tmp_path_factory.mktemp("latency") / "ca")
+    ca = make_ca(tmp_path_factory.mktemp("latency"))
     tls = f"cafile {ca}/ca.crt\ncertfile {ca}/server.crt\nkeyfile {ca}/server.key\n"
     ports = {name: free_port() for name in ("tls", "ws", "wss")}
     b = LocalBroker(stock=True, listeners=(

@@ -20,8 +20,8 @@ import mqbtt
 from mqbtt import (Empty, Kind, MQbtTConnectionError, MQbtTDecodeError, MQbtTLogReceiver,
                    MQbtTMiner, MQbtTOptimizer, MQbtTSendTimeout, Reply, Request, Share)
 from local_broker import LocalBroker, free_port
+from testlib import ROOT, make_ca, protoc, raw_client, wait_for
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
 PY = sys.executable
 
 DOC_OPTIMIZER = """\
@@ -76,25 +76,6 @@ SHARE = Share(version=0x20024000, prev_block=bytes(range(32)), merkle_root=bytes
               diff=1636.25, zeroes=42)
 
 
-def wait_for(cond, timeout=60.0, what="condition"):
-    """Poll *cond* until it is true (awaiting a condition, not sleeping blindly)."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
-
-
-def raw_client(uri, client_id=""):
-    """A plain paho client connected to *uri* with its loop running."""
-    import paho.mqtt.client as mqtt
-    b = mqbtt.BrokerURI.parse(uri)
-    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id)
-    c.connect(b.host, b.port)
-    c.loop_start()
-    return c
-
-
 def publish_raw(uri, topic, payload, qos=1):
     c = raw_client(uri)
     try:
@@ -121,12 +102,6 @@ def test_embedded_schema_is_protoc_output(tmp_path):
         "mqbtt._DESCRIPTOR is stale; new value:\n" + base64.b64encode(compiled).decode())
 
 
-def _protoc(args, data, cwd=ROOT):
-    r = subprocess.run(["protoc", "-I", ROOT] + args + ["mqbtt.proto"], input=data,
-                       capture_output=True, cwd=cwd, check=True)
-    return r.stdout
-
-
 @pytest.mark.parametrize("msg, text", [
     (Request(timestamp_min=2048, timestamp_max=3071, nonce_start=120, nonce_size=8, reset=True),
      "timestamp_min: 2048\ntimestamp_max: 3071\nnonce_start: 120\nnonce_size: 8\nreset: true\n"),
@@ -139,10 +114,10 @@ def _protoc(args, data, cwd=ROOT):
 def test_protoc_round_trip_both_ways(msg, text):
     """Our bytes decode with `protoc --decode`, and `protoc --encode` bytes decode with us."""
     name = type(msg).__name__
-    decoded = _protoc([f"--decode=mqbtt.{name}"], msg.to_bytes()).decode()
+    decoded = protoc([f"--decode=mqbtt.{name}"], msg.to_bytes()).decode()
     if text is not None:
         assert decoded == text
-    encoded = _protoc([f"--encode=mqbtt.{name}"], decoded.encode())
+    encoded = protoc([f"--encode=mqbtt.{name}"], decoded.encode())
     assert type(msg).from_bytes(encoded) == msg
     assert encoded == msg.to_bytes()
 
@@ -619,21 +594,6 @@ def test_websocket_transport(tmp_path):
             assert opt.receive_reply(timeout=10) == Reply(num_shares=3)
     finally:
         b.cleanup()
-
-
-def make_ca(tmp_path, name="ca"):
-    """A CA and a server certificate for 127.0.0.1/localhost, made with openssl."""
-    d = tmp_path / name
-    d.mkdir()
-    run = lambda *a: subprocess.run(a, check=True, capture_output=True, cwd=d)  # noqa: E731
-    run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-        "-keyout", "ca.key", "-out", "ca.crt", "-subj", f"/CN=mqbtt test {name}")
-    run("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key",
-        "-out", "server.csr", "-subj", "/CN=localhost")
-    (d / "ext.cnf").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-    run("openssl", "x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-        "-CAcreateserial", "-out", "server.crt", "-days", "2", "-extfile", "ext.cnf")
-    return d
 
 
 def test_tls_with_ca_file_and_wrong_ca_refused(tmp_path):

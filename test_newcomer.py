@@ -24,6 +24,7 @@ sys.path.insert(0, ROOT)
 import build_zipapp  # noqa: E402
 import mqbtt  # noqa: E402
 from test_mqbtt import DOC_ECHO, DOC_OPTIMIZER  # noqa: E402
+from testlib import pyenv_python  # noqa: E402
 
 PY = sys.executable
 SITE = sysconfig.get_paths()["purelib"]
@@ -40,14 +41,6 @@ def one_line(text):
     lines = text.rstrip("\n").splitlines()
     assert len(lines) == 1, text
     return lines[0]
-
-
-def old_python(version):
-    pyenv = os.environ.get("PYENV_ROOT", os.path.expanduser("~/.pyenv"))
-    found = sorted(glob.glob(os.path.join(pyenv, "versions", f"{version}.*", "bin", "python3")))
-    if not found:
-        pytest.fail(f"CPython {version} not found under {pyenv}/versions (pyenv install {version})")
-    return found[-1]
 
 
 def module_dir(module):
@@ -144,9 +137,9 @@ def test_make_demo_then_again(tmp_path):
     assert re.search(r"/python -m pytest", test_dry.stdout)
 
 
-def test_make_refuses_an_old_python(tmp_path):
+def test_make_refuses_an_pyenv_python(tmp_path):
     r = run(["make", "-C", ROOT, "demo", f"VENV={tmp_path / 'v'}",
-             f"PYTHON={old_python('3.9')}"])
+             f"PYTHON={pyenv_python('3.9')}"])
     assert r.returncode != 0
     assert "mqbtt needs Python 3.10 or newer" in r.stderr and "3.9" in r.stderr
     assert not (tmp_path / "v").exists()
@@ -156,7 +149,7 @@ def test_make_refuses_an_old_python(tmp_path):
 
 @pytest.mark.parametrize("version", OLD_PYTHONS)
 def test_old_python_one_line(version):
-    py = old_python(version)
+    py = pyenv_python(version)
     # the whole file must parse there, or the check never runs
     r = run([py, "-c", "import sys; compile(open(sys.argv[1]).read(), 'mqbtt.py', 'exec')",
              os.path.join(ROOT, "mqbtt.py")])
@@ -184,7 +177,7 @@ def pyz(tmp_path_factory):
 def test_old_python_one_line_pyz(pyz, version, tmp_path):
     env = dict(os.environ, SHIV_ROOT=str(tmp_path))
     for argv in (["dump", "--pid", "x"], ["--version"]):
-        r = run([old_python(version), str(pyz), *argv], env=env)
+        r = run([pyenv_python(version), str(pyz), *argv], env=env)
         assert r.returncode == 1 and r.stdout == ""
         assert one_line(r.stderr).startswith(
             f"mqbtt: error: mqbtt needs Python 3.10 or newer, this is Python {version} ")

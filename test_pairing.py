@@ -22,80 +22,18 @@ import mqbtt
 from mqbtt import (Empty, Kind, MQbtTDecodeError, MQbtTMiner, MQbtTOptimizer, MQbtTRecord,
                    MQbtTSendError, Reply, Request)
 from test_mqbtt import DOC_ECHO, DOC_OPTIMIZER
+from testlib import ROOT, Proc, protoc, wait_for
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
 PY = sys.executable
 UTC = datetime.timezone.utc
 
 
 # -- helpers ----------------------------------------------------------------------
 
-def wait_for(cond, timeout=20.0, what="condition"):
-    """Poll *cond* until it returns a true value (awaiting, not sleeping blindly)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.01)
-
-
-class Proc:
-    """A subprocess whose stdout/stderr lines are collected by threads."""
-
-    def __init__(self, args, env=None):
-        self.args = args
-        self.p = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True, env=env)
-        self.out, self.err = [], []
-        self._threads = [threading.Thread(target=self._pump, args=(s, lines), daemon=True)
-                         for s, lines in ((self.p.stdout, self.out), (self.p.stderr, self.err))]
-        for t in self._threads:
-            t.start()
-
-    @staticmethod
-    def _pump(stream, lines):
-        for line in stream:
-            lines.append(line.rstrip("\n"))
-
-    def wait_line(self, lines, predicate, what, timeout=30.0):
-        def found():
-            hit = next((x for x in list(lines) if predicate(x)), None)
-            if hit is None and self.p.poll() is not None:
-                for t in self._threads:   # let the pump threads read the rest
-                    t.join(10)
-                hit = next((x for x in list(lines) if predicate(x)), None)
-                if hit is None:
-                    raise AssertionError(f"{self.args} exited {self.p.returncode} before {what}: "
-                                         f"{self.out} {self.err}")
-            return hit
-        return wait_for(found, timeout, what)
-
-    def wait(self, timeout=60.0):
-        rc = self.p.wait(timeout)
-        for t in self._threads:
-            t.join(5)
-        return rc
-
-    def stop(self, sig=signal.SIGINT):
-        if self.p.poll() is None:
-            self.p.send_signal(sig)
-        return self.wait(20)
-
-
 def start_echo(broker, pid, *extra):
     echo = Proc([PY, "mqbtt.py", "echo", "--broker", broker.uri, "--pid", pid, *extra])
     echo.wait_line(echo.err, lambda x: "answering" in x, "mqbtt echo listening")
     return echo
-
-
-def protoc(args, data):
-    r = subprocess.run(["protoc", "-I", ROOT] + args + ["mqbtt.proto"], input=data,
-                       capture_output=True, timeout=60)
-    assert r.returncode == 0, r.stderr
-    return r.stdout
 
 
 def protoc_fields(name, payload) -> dict:

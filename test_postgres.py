@@ -18,139 +18,20 @@ import time
 import pytest
 
 import mqbtt
-from local_broker import LocalBroker
 from local_postgres import LocalPostgres
-from mqbtt import BrokerURI, MQbtTDataBase, MQbtTRecord, Request, Share
+from mqbtt import BrokerURI, MQbtTDataBase, MQbtTRecord
+import testlib
+from testlib import ROOT, Proc, mqbtt_cmd, pg_count, pg_rows, pyenv_python, run_cli, start_recorder, wait_for
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
 UTC = datetime.timezone.utc
 
 
 # -- helpers ----------------------------------------------------------------------
 
-def wait_for(cond, timeout=15.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.02)
-
-
-class Proc:
-    """A subprocess whose stderr lines are collected by a thread."""
-
-    def __init__(self, args, env=None):
-        self.args = args
-        self.p = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True, env=env)
-        self.out, self.err = [], []
-        self._threads = [threading.Thread(target=self._pump, args=(s, l), daemon=True)
-                         for s, l in ((self.p.stdout, self.out), (self.p.stderr, self.err))]
-        for t in self._threads:
-            t.start()
-
-    @staticmethod
-    def _pump(stream, lines):
-        for line in stream:
-            lines.append(line.rstrip("\n"))
-
-    def wait_err(self, pattern, timeout=30.0):
-        rx = re.compile(pattern)
-
-        def found():
-            if self.p.poll() is not None and not any(rx.search(x) for x in self.err):
-                time.sleep(0.1)
-                raise AssertionError(f"{self.args} exited {self.p.returncode}: {self.err}")
-            return next((x for x in self.err if rx.search(x)), None)
-        return wait_for(found, timeout, f"{pattern!r} on stderr")
-
-    def wait(self, timeout=30.0):
-        rc = self.p.wait(timeout)
-        for t in self._threads:
-            t.join(5)
-        return rc
-
-    def kill(self):
-        if self.p.poll() is None:
-            self.p.kill()
-            self.p.wait()
-
-
-def mqbtt_cmd(*args):
-    return [sys.executable, "mqbtt.py", *args]
-
-
-def run_cli(*args, env=None, timeout=300):
-    return subprocess.run(mqbtt_cmd(*args), cwd=ROOT, capture_output=True, text=True, env=env,
-                          timeout=timeout)
-
-
-@pytest.fixture(scope="session")
-def pg():
-    """One private PostgreSQL for the whole session."""
-    server = LocalPostgres().start()
-    yield server
-    server.cleanup()
-
-
-_dbs = iter(range(10 ** 6))
-
-
-@pytest.fixture
-def pg_url(pg):
-    """A fresh, empty database of the private cluster (URL with the password)."""
-    return pg.create_db(f"t{next(_dbs)}")
-
-
-def pg_rows(url, sql="SELECT pair_id, subtopic, message FROM messages ORDER BY id", params=None):
-    import psycopg
-    with psycopg.connect(url) as c:
-        return c.execute(sql, params).fetchall()
-
-
-def pg_count(url):
-    import psycopg
-    try:
-        with psycopg.connect(url) as c:
-            return c.execute("SELECT count(*) FROM messages").fetchone()[0]
-    except psycopg.errors.UndefinedTable:
-        return 0
-
-
 def session(broker, pair_id, n=6, shares_per_request=2):
-    """An optimizer/miner exchange (requests, shares, log lines, replies)."""
-    sent = []
-    with mqbtt.MQbtTMiner(broker.uri, pair_id) as miner, \
-            mqbtt.MQbtTOptimizer(broker.uri, pair_id) as opt:
-        for i in range(n):
-            req = Request(timestamp_min=i, timestamp_max=i + 1, nonce_start=i, nonce_size=4)
-            req = opt.send_request(req)          # as sent: with its request_id
-            sent.append(("srv", req.to_bytes()))
-            assert miner.receive_request(timeout=10) == req
-            for k in range(shares_per_request):
-                share = Share(diff=10.0 ** (1 + (i + k) % 4) * (1.5 + k), nonce=i * 10 + k,
-                              job_id=f"{i:02x}", prev_block=bytes([i]) * 32)
-                miner.send_share(share)
-                sent.append(("shr", share.to_bytes()))
-            line = f"I ({1000 + i}) mqbtt_protocol: Received request: 100% _done_ 'q' {i}"
-            miner.send_log(line)
-            sent.append(("log", line.encode()))
-            reply = mqbtt.echo_reply(req)
-            reply = miner.send_reply(reply)      # as sent: with the request's id
-            sent.append(("esp", reply.to_bytes()))
-            assert opt.receive_reply(timeout=10) == reply
-            for _ in range(shares_per_request):
-                opt.receive_share(timeout=10)
-    return sent
-
-
-def record_into(broker, url, *extra, env=None):
-    rec = Proc(mqbtt_cmd("record", "--broker", broker.uri, "--db", url, *extra), env=env)
-    rec.wait_err(r"^mqbtt record: recording ")
-    return rec
+    """testlib.session with log lines PostgreSQL must store verbatim (%, _ and ')."""
+    return testlib.session(broker, pair_id, n, shares_per_request, log_line=lambda i: (
+        f"I ({1000 + i}) mqbtt_protocol: Received request: 100% _done_ 'q' {i}"))
 
 
 # -- the database API on PostgreSQL ----------------------------------------------------
@@ -259,7 +140,7 @@ def test_without_the_driver_one_line(pg_url, tmp_path):
 def test_records_and_logs_match_sqlite(broker, pg_url, tmp_path):
     """Record a real session into PostgreSQL, copy it to SQLite: every query
     returns the same records on both."""
-    rec = record_into(broker, pg_url)
+    rec = start_recorder(broker, pg_url)
     try:
         sent = session(broker, "alpha", n=5) + session(broker, "beta", n=3)
         wait_for(lambda: pg_count(pg_url) == len(sent), 30, "the sessions recorded")
@@ -394,13 +275,6 @@ def test_replay_from_postgresql(broker, pg_url):
 
 # -- shared recording --------------------------------------------------------------------
 
-@pytest.fixture
-def flood_broker():
-    b = LocalBroker(extra="max_queued_messages 0\nmax_queued_bytes 0").start()
-    yield b
-    b.cleanup()
-
-
 def test_three_shared_recorders_sigkill(flood_broker, pg, pg_url):
     """Three recorders in one --share group on one PostgreSQL; 30,000 QoS 1
     messages from 100 pairs; one recorder SIGKILLed mid-flood and restarted
@@ -480,14 +354,14 @@ def test_three_shared_recorders_sigkill(flood_broker, pg, pg_url):
 
 
 def test_one_recorder_per_client_id(broker, pg, pg_url):
-    rec = record_into(broker, pg_url, "--share", "g", "--client-id", "same")
+    rec = start_recorder(broker, pg_url, "--share", "g", "--client-id", "same")
     try:
         r = run_cli("record", "--broker", broker.uri, "--db", pg_url, "--share", "g",
                     "--client-id", "same", timeout=60)
         assert r.returncode == 1 and len(r.stderr.splitlines()) == 1, r.stderr
         assert "another recorder with client id 'same'" in r.stderr
         assert pg.password not in r.stderr
-        other = record_into(broker, pg_url, "--share", "g", "--client-id", "other")
+        other = start_recorder(broker, pg_url, "--share", "g", "--client-id", "other")
         other.p.send_signal(signal.SIGTERM)
         assert other.wait() == 0
     finally:
@@ -611,7 +485,7 @@ def test_copy_a_million_rows_there_and_back(pg_url, tmp_path):
 def test_analysis_notebook_on_postgresql(broker, pg, pg_url, tmp_path, monkeypatch):
     import nbformat
     from nbclient import NotebookClient
-    rec = record_into(broker, pg_url)
+    rec = start_recorder(broker, pg_url)
     try:
         sent = session(broker, "nb01", n=8, shares_per_request=3)
         wait_for(lambda: pg_count(pg_url) == len(sent), 30, "the session recorded")
@@ -637,15 +511,6 @@ def test_analysis_notebook_on_postgresql(broker, pg, pg_url, tmp_path, monkeypat
 PYTHONS = ["3.10", "3.11", "3.12", "3.13"]
 
 
-def interpreter(version):
-    import glob
-    pyenv = os.environ.get("PYENV_ROOT", os.path.expanduser("~/.pyenv"))
-    found = sorted(glob.glob(os.path.join(pyenv, "versions", f"{version}.*", "bin", "python3")))
-    if not found:
-        pytest.fail(f"CPython {version} not found under {pyenv}/versions")
-    return found[-1]
-
-
 def test_pyz_uses_compiled_psycopg_on_each_python(pg, pg_url, tmp_path):
     """mqbtt.pyz bundles psycopg-binary for each CPython: PostgreSQL
     recordings work from the pyz alone, with the C implementation."""
@@ -662,7 +527,7 @@ def test_pyz_uses_compiled_psycopg_on_each_python(pg, pg_url, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
     env.update(SHIV_ROOT=str(tmp_path / "shiv"), PYTHONPATH="", PYTHONNOUSERSITE="1")
     for n, version in enumerate(PYTHONS, 1):
-        py = interpreter(version)
+        py = pyenv_python(version)
         r = subprocess.run([py, "-I", pyz, "run", str(script), pg_url], capture_output=True, text=True,
                            env=env, timeout=120)
         assert r.returncode == 0, (version, r.stderr)
@@ -689,7 +554,7 @@ def test_recorder_when_postgresql_goes_away(broker, tmp_path):
         env = {**os.environ, "PGPASSWORD": own.password}
         bare = url.replace(":" + own.password, "")
         cmd = ("--share", "g", "--client-id", "away-1")
-        rec = record_into(broker, bare, *cmd, env=env)
+        rec = start_recorder(broker, bare, *cmd, env=env)
         pub = mqbtt._paho_client(BrokerURI.parse(broker.uri), "pub-away", True)
         pub.connect("127.0.0.1", broker.port)
         pub.loop_start()
@@ -707,7 +572,7 @@ def test_recorder_when_postgresql_goes_away(broker, tmp_path):
             assert "cannot open the database" in r.stderr
             own._run(["pg_ctl", "-D", own.data, "-l", own.log_path, "-w", "start"])
             own.started = True
-            rec = record_into(broker, bare, *cmd, env=env)       # the same command line
+            rec = start_recorder(broker, bare, *cmd, env=env)       # the same command line
             wait_for(lambda: [bytes(m) for (m,) in pg_rows(url, "SELECT message FROM messages")]
                      == [b"before", b"while down"], 30, "the message sent while down")
             rec.p.send_signal(signal.SIGTERM)
@@ -753,8 +618,8 @@ def test_down_member_keeps_its_share_queued(flood_broker, pg, pg_url):
     they are stored when it comes back, not before."""
     env = {**os.environ, "PGPASSWORD": pg.password}
     url = pg_url.replace(":" + pg.password, "")
-    a = record_into(flood_broker, url, "--share", "duo", "--client-id", "duo-a", env=env)
-    b = record_into(flood_broker, url, "--share", "duo", "--client-id", "duo-b", env=env)
+    a = start_recorder(flood_broker, url, "--share", "duo", "--client-id", "duo-a", env=env)
+    b = start_recorder(flood_broker, url, "--share", "duo", "--client-id", "duo-b", env=env)
     b.p.send_signal(signal.SIGTERM)
     assert b.wait() == 0
     pub = mqbtt._paho_client(BrokerURI.parse(flood_broker.uri), "pub-duo", True)
@@ -767,7 +632,7 @@ def test_down_member_keeps_its_share_queued(flood_broker, pg, pg_url):
         wait_for(lambda: pg_count(pg_url) == 100, 30, "member a's half")
         while_down = pg_count(pg_url)
         assert while_down == 100                           # b's half is not in the database
-        b = record_into(flood_broker, url, "--share", "duo", "--client-id", "duo-b", env=env)
+        b = start_recorder(flood_broker, url, "--share", "duo", "--client-id", "duo-b", env=env)
         wait_for(lambda: pg_count(pg_url) >= 200, 30, "b's queued share")
         assert sorted(bytes(m) for (m,) in pg_rows(pg_url, "SELECT message FROM messages")) == \
             [b"duo %03d" % i for i in range(200)]

@@ -18,117 +18,13 @@ import time
 import pytest
 
 import mqbtt
-from local_broker import LocalBroker
-from mqbtt import MQbtTDataBase, MQbtTDatabase, MQbtTRecord, Request, Share, BrokerURI
+from mqbtt import MQbtTDataBase, MQbtTDatabase, MQbtTRecord, Request, Share
+from testlib import ROOT, Proc, count_rows, mqbtt_cmd, publisher, rows, session, start_recorder, wait_for
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
 UTC = datetime.timezone.utc
 
 
 # -- helpers ----------------------------------------------------------------------
-
-def wait_for(cond, timeout=60.0, what="condition"):
-    """Poll *cond* until it returns a true value; fail after *timeout* s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.01)
-
-
-class Proc:
-    """A subprocess whose stdout and stderr lines are collected by threads."""
-
-    def __init__(self, args, env=None):
-        self.args = args
-        self.p = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True, env=env)
-        self.out, self.err = [], []
-        self._threads = [threading.Thread(target=self._pump, args=(s, l), daemon=True)
-                         for s, l in ((self.p.stdout, self.out), (self.p.stderr, self.err))]
-        for t in self._threads:
-            t.start()
-
-    @staticmethod
-    def _pump(stream, lines):
-        for line in stream:
-            lines.append(line.rstrip("\n"))
-
-    def wait_err(self, pattern, timeout=60.0):
-        rx = re.compile(pattern)
-
-        def found():
-            line = next((x for x in self.err if rx.search(x)), None)
-            if line is None and self.p.poll() is not None:
-                # exited: the pump may not have read its last lines yet
-                self._threads[1].join(10)
-                line = next((x for x in self.err if rx.search(x)), None)
-                if line is None:
-                    raise AssertionError(f"{self.args} exited {self.p.returncode}: {self.err}")
-            return line
-        return wait_for(found, timeout, f"{pattern!r} on stderr of {self.args[2:4]}")
-
-    def wait(self, timeout=60.0):
-        rc = self.p.wait(timeout)
-        for t in self._threads:
-            t.join(5)
-        return rc
-
-    def kill(self):
-        if self.p.poll() is None:
-            self.p.kill()
-            self.p.wait()
-
-
-def mqbtt_cmd(*args):
-    return [sys.executable, "mqbtt.py", *args]
-
-
-def start_recorder(broker, db, *extra):
-    rec = Proc(mqbtt_cmd("record", "--broker", broker.uri, "--db", str(db), *extra))
-    rec.wait_err(r"^mqbtt record: recording ")
-    return rec
-
-
-def publisher(broker, client_id=None):
-    c = mqbtt._paho_client(BrokerURI.parse(broker.uri), client_id or f"pub-{os.urandom(4).hex()}", True)
-    c.connect("127.0.0.1", broker.port)
-    c.loop_start()
-    return c
-
-
-def rows(db_path, where="", params=()):
-    con = sqlite3.connect(db_path, timeout=30)
-    try:
-        return con.execute("SELECT pair_id, subtopic, message, timestamp FROM messages "
-                           + where + " ORDER BY id", params).fetchall()
-    finally:
-        con.close()
-
-
-def count_rows(db_path):
-    if not os.path.exists(db_path):
-        return 0
-    con = sqlite3.connect(db_path, timeout=30)
-    try:
-        return con.execute("SELECT count(*) FROM messages").fetchone()[0]
-    except sqlite3.OperationalError:  # table not created yet
-        return 0
-    finally:
-        con.close()
-
-
-@pytest.fixture
-def flood_broker():
-    """A broker that queues without limit for a disconnected persistent
-    session (the setting a recording site needs, see the README)."""
-    b = LocalBroker(extra="max_queued_messages 0\nmax_queued_bytes 0").start()
-    yield b
-    b.cleanup()
-
 
 def run_recorder_thread(broker, db, **kw):
     rec = mqbtt.Recorder(broker.uri, str(db), **kw)
@@ -142,36 +38,6 @@ def stop_recorder_thread(rec, t):
     rec.stop()
     t.join(10)
     assert not t.is_alive()
-
-
-def session(broker, pair_id, n=6, shares_per_request=2, gap=0.0):
-    """An optimizer/miner exchange: n requests, each answered by shares, a log
-    line and a reply.  Returns the list of (subtopic, payload) sent, in order."""
-    sent = []
-    with mqbtt.MQbtTMiner(broker.uri, pair_id) as miner, \
-            mqbtt.MQbtTOptimizer(broker.uri, pair_id) as opt:
-        for i in range(n):
-            req = Request(timestamp_min=i, timestamp_max=i + 1, nonce_start=i, nonce_size=4)
-            req = opt.send_request(req)          # as sent: with its request_id
-            sent.append(("srv", req.to_bytes()))
-            assert miner.receive_request(timeout=10) == req
-            for k in range(shares_per_request):
-                share = Share(diff=10.0 ** (1 + (i + k) % 4) * (1.5 + k), nonce=i * 10 + k,
-                              job_id=f"{i:02x}", prev_block=bytes([i]) * 32)
-                miner.send_share(share)
-                sent.append(("shr", share.to_bytes()))
-            line = f"I ({1000 + i}) mqbtt_protocol: Received request: timestamp_min={i}"
-            miner.send_log(line)
-            sent.append(("log", line.encode()))
-            reply = mqbtt.echo_reply(req)
-            if gap:
-                time.sleep(gap)  # recorded timing (data, not synchronisation)
-            reply = miner.send_reply(reply)      # as sent: with the request's id
-            sent.append(("esp", reply.to_bytes()))
-            assert opt.receive_reply(timeout=10) == reply
-            for _ in range(shares_per_request):
-                opt.receive_share(timeout=10)
-    return sent
 
 
 # -- MQbtTDataBase / MQbtTRecord (no broker) ------------------------------------------------

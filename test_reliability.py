@@ -20,7 +20,7 @@ import mqbtt
 from mqbtt import (Empty, MQbtTConnectionError, MQbtTDecodeError, MQbtTLogReceiver, MQbtTMiner,
                    MQbtTOptimizer, MQbtTSubscribeError, Reply, Request, Share)
 from local_broker import LocalBroker, free_port
-from test_mqbtt import raw_client, wait_for
+from testlib import raw_client, wait_for
 
 
 def figures(name, sent, received, lost=None, dup=None):

@@ -10,7 +10,6 @@ kept stopped with SIGSTOP for a while).
 import json
 import os
 import re
-import shlex
 import signal
 import subprocess
 import sys
@@ -23,33 +22,9 @@ import pytest
 
 import mqbtt
 from mqbtt import Empty, MQbtTMiner, MQbtTOptimizer, Reply, Request
+from testlib import ROOT, Tmux, http_get, start_echo, wait_until
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
 MQBTT = os.path.join(ROOT, "mqbtt.py")
-
-
-def wait_until(predicate, timeout=30.0, interval=0.05, what="condition"):
-    """Poll *predicate* until it returns a true value (returned), or fail."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while True:
-        try:
-            last = predicate()
-        except (OSError, ValueError) as err:     # a server not up yet
-            last = err
-        else:
-            if last:
-                return last
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}; last: {last!r}")
-        time.sleep(interval)
-
-
-def start_echo(broker, pid):
-    p = subprocess.Popen([sys.executable, MQBTT, "echo", "--broker", broker.uri, pid],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    assert "answering" in p.stderr.readline()      # subscribed: no request is lost
-    return p
 
 
 def stop_proc(p):
@@ -220,47 +195,11 @@ HOSTILE_LOG = "I (5) \x1b[0;32mgreen\x1b[0m\tafter-tab \x1b]0;pwned\x07end \x1b[
 SHOWN_LOG = "I (5) green after-tab end \\u202eX"     # safe_text, then the tab as a space
 
 
-class Tmux:
-    """A private tmux server (own socket, no user configuration) running one command."""
-
-    def __init__(self, tmp_path, width=150, height=12):
-        self.sock = str(tmp_path / "tmux.sock")
-        self.width, self.height = width, height
-        self.exit_file = tmp_path / "exit"
-
-    def tmux(self, *args):
-        return subprocess.run(["tmux", "-S", self.sock, "-f", "/dev/null", *args],
-                              capture_output=True, text=True, timeout=20)
-
-    def run(self, args):
-        inner = f"exec {shlex.quote(sys.executable)} " + " ".join(shlex.quote(a) for a in [MQBTT, *args])
-        command = (f"cd {shlex.quote(ROOT)}; sh -c {shlex.quote(inner)}; "
-                   f"echo EXIT=$? > {self.exit_file}; sleep 120")
-        r = self.tmux("new-session", "-d", "-s", "t", "-x", str(self.width), "-y", str(self.height),
-                      command)
-        assert r.returncode == 0, r.stderr
-
-    def screen(self, escapes=False):
-        return self.tmux("capture-pane", "-p", "-t", "t", *(["-e"] if escapes else [])).stdout
-
-    def wait_screen(self, predicate, timeout=30.0, what="screen"):
-        try:
-            return wait_until(lambda: (lambda s: s if predicate(s) else None)(self.screen()),
-                              timeout, 0.2, what)
-        except AssertionError:
-            raise AssertionError(f"timed out waiting for {what}; screen:\n{self.screen()}") from None
-
-    def exit_status(self, timeout=60.0):
-        text = wait_until(lambda: self.exit_file.exists() and self.exit_file.read_text().strip(),
-                          timeout, 0.05, "the command to exit")
-        return int(text.split("=")[1])
-
-
 @pytest.fixture
 def tmux(tmp_path):
-    t = Tmux(tmp_path)
+    t = Tmux(tmp_path, height=12)
     yield t
-    t.tmux("kill-server")
+    t.kill()
 
 
 def test_top_shows_miner_text_through_safe_text_in_tmux(broker, tmux):
@@ -340,11 +279,6 @@ def test_top_plain_output_uses_safe_text_and_no_burst_after_a_stall(broker):
 
 HOSTILE_IDS = ["ls\u2028x", "bidi\u202eevil", "nbsp\u00a0x", "zw\u200bx", "sp ace",
                'q"b\\{}=,', "é" * mqbtt.FLEET_MAX_PAIR_ID, "\U0001F600" * 50, "x" * 199 + "\u2029"]
-
-
-def http_get(url, timeout=10):
-    with urllib.request.urlopen(url, timeout=timeout) as r:
-        return r.read().decode()
 
 
 def test_exporter_hostile_pair_ids_through_prometheus(broker, tmp_path):

@@ -31,7 +31,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 import mqbtt  # noqa: E402
 from local_broker import LocalBroker, free_port  # noqa: E402
-from test_security import mtls_broker, pki  # noqa: E402,F401 - fixtures: openssl CA, mTLS Mosquitto
+from testlib import wait_for  # noqa: E402
 
 PY = sys.executable
 SECRET = "Rv2-S3cretPass-k4"
@@ -63,15 +63,6 @@ def one_line(p, code=1):
         lines = [line for line in lines if ": error: " in line]
     assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
     return lines[0]
-
-
-def wait_for(cond, timeout=30, what="condition"):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class Listener:

@@ -15,14 +15,8 @@ import pytest
 
 import mqbtt
 from mqbtt import Reply, Request, Kind
-from test_record import Proc, count_rows, mqbtt_cmd, publisher, wait_for
-
-ROOT = os.path.dirname(os.path.abspath(__file__))
-
-
-def run(*args, timeout=60, **kw):
-    return subprocess.run(mqbtt_cmd(*args), cwd=ROOT, capture_output=True, text=True,
-                          errors="surrogateescape", timeout=timeout, **kw)
+from testlib import ROOT, Proc, count_rows, mqbtt_cmd, publisher, wait_for
+from testlib import run_cli as run
 
 
 def assert_one_line(r, cmd, *needles, status=2):
@@ -302,9 +296,6 @@ def test_info_on_a_recording_in_a_read_only_directory(tmp_path):
     finally:
         os.chmod(d, 0o755)
         shutil.rmtree(d, ignore_errors=True)
-
-
-from test_postgres import pg, pg_url   # noqa: E402,F401  (a private PostgreSQL, session-wide)
 
 
 def test_postgresql_commit_and_copy_to_a_new_sqlite_file(pg_url, tmp_path):

@@ -1,7 +1,7 @@
 """Review of issue 14 merged with 12 and 13: PostgreSQL recordings under info,
 export, replay and copy; bad rows written by other tools; passwords.
 
-Real parts only: the private PostgreSQL of test_postgres (initdb/pg_ctl),
+Real parts only: the private PostgreSQL of conftest (initdb/pg_ctl),
 a private Mosquitto (conftest), real ``python3 mqbtt.py`` subprocesses.
 """
 import json
@@ -13,7 +13,7 @@ import pytest
 
 import mqbtt
 from mqbtt import MQbtTDataBase, MQbtTError, Request
-from test_postgres import pg, pg_url, run_cli  # noqa: F401 - fixtures
+from testlib import run_cli
 
 SECRET = "Zq9SecretWord"
 
@@ -167,7 +167,8 @@ def test_sqlite_open_close_leaves_no_wal_and_a_moved_source_copies(pg_url, tmp_p
 
 def test_record_share_and_pid_together_on_postgresql(broker, pg, pg_url):
     import signal
-    from test_postgres import Proc, mqbtt_cmd, pg_rows, session, wait_for
+    from test_postgres import session
+    from testlib import Proc, mqbtt_cmd, pg_rows, wait_for
     rec = Proc(mqbtt_cmd("record", "--broker", broker.uri, "--db", pg_url, "--share", "grp",
                          "--pid", "p1"))
     try:
@@ -257,7 +258,8 @@ def test_record_into_a_new_sqlite_file(broker, tmp_path):
     """The merge made `mqbtt record --db NEW.db` fail ("no such database"):
     the recorder counted the rows of a file created only once connected."""
     import signal
-    from test_postgres import Proc, mqbtt_cmd, session, wait_for
+    from test_postgres import session
+    from testlib import Proc, mqbtt_cmd, wait_for
     path = str(tmp_path / "new.db")
     rec = Proc(mqbtt_cmd("record", "--broker", broker.uri, "--db", path))
     try:
@@ -314,13 +316,13 @@ def test_recorder_stops_when_postgresql_hangs(broker):
     import signal
     import subprocess
     from local_postgres import LocalPostgres
-    from test_postgres import pg_rows, record_into, wait_for
+    from testlib import pg_rows, start_recorder, wait_for
     own = LocalPostgres().start()
     rec = None
     stopped = []
     try:
         url = own.create_db("hang")
-        rec = record_into(broker, url, "--client-id", "hang-1")
+        rec = start_recorder(broker, url, "--client-id", "hang-1")
         with mqbtt.MQbtTMiner(broker.uri, "h1") as m:
             m.send_log("before")
             wait_for(lambda: len(pg_rows(url)) == 1, 20, "the first message stored")
@@ -346,7 +348,7 @@ def test_recorder_stops_when_postgresql_hangs(broker):
         for pid in stopped:
             os.kill(pid, signal.SIGCONT)
         stopped.clear()
-        rec = record_into(broker, url, "--client-id", "hang-1")
+        rec = start_recorder(broker, url, "--client-id", "hang-1")
         wait_for(lambda: {bytes(r[2]) for r in pg_rows(url)} == {b"before", b"while stuck"}, 30,
                  "the message sent while the server hung")
         rec.p.send_signal(signal.SIGTERM)

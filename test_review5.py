@@ -15,19 +15,9 @@ import time
 
 import mqbtt
 from local_broker import LocalBroker
+from testlib import wait_for
 
 DELAY = 0.4
-
-
-def wait_for(cond, timeout=30.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.01)
 
 
 class SlowLink:

@@ -16,7 +16,6 @@
 Each test prints its figures (``pytest -s``) for the README's reliability table.
 """
 import contextlib
-import glob
 import gzip
 import hashlib
 import io
@@ -43,7 +42,8 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 import mqbtt  # noqa: E402
 from local_broker import LocalBroker, free_port  # noqa: E402
-from test_services import FakeWS, HOLD, system_info, wait_for  # noqa: E402
+from test_services import system_info  # noqa: E402
+from testlib import HOLD, pyenv_python, wait_for  # noqa: E402
 
 PY = sys.executable
 SECRET = "Zx9-S3cretPass-q7"
@@ -272,50 +272,6 @@ def test_environment_credentials_from_the_command_line(auth_broker):
     assert "envuser:***@" in one_line_error(p, "echo") and "nope" not in p.stderr
 
 
-EC = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1")   # fast to make
-
-
-def openssl(cwd, *args):
-    subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=cwd)
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    """Two CAs made with openssl: ``ca`` signs the broker's certificate and
-    the good client certificates, ``rogue`` signs a client certificate the
-    broker must refuse.  Also an encrypted key and a mismatched key."""
-    d = tmp_path_factory.mktemp("pki")
-    for ca in ("ca", "rogue"):
-        openssl(d, "req", "-x509", *EC, "-nodes", "-days", "2", "-keyout",
-                f"{ca}.key", "-out", f"{ca}.crt", "-subj", f"/CN=mqbtt test {ca}")
-    (d / "server.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-    (d / "client.ext").write_text("extendedKeyUsage=clientAuth\n")
-
-    def cert(name, ca, ext, extra=()):
-        openssl(d, "req", *EC, "-nodes", "-keyout", f"{name}.key", "-out",
-                f"{name}.csr", "-subj", f"/CN={name}")
-        openssl(d, "x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key",
-                "-CAcreateserial", "-out", f"{name}.crt", "-days", "2", "-extfile", ext)
-    cert("server", "ca", "server.ext")
-    cert("client", "ca", "client.ext")
-    cert("intruder", "rogue", "client.ext")
-    openssl(d, "pkey", "-in", "client.key", "-aes256", "-passout", "pass:hunter2", "-out", "enc.key")
-    (d / "both.pem").write_text((d / "client.crt").read_text() + (d / "client.key").read_text())
-    (d / "garbage.pem").write_text("not a certificate\n")
-    return d
-
-
-@pytest.fixture(scope="module")
-def mtls_broker(pki):
-    port = free_port()
-    b = LocalBroker(listeners=(f"listener {port} 127.0.0.1\ncafile {pki}/ca.crt\n"
-                               f"certfile {pki}/server.crt\nkeyfile {pki}/server.key\n"
-                               "require_certificate true\n")).start()
-    b.tls_port = port
-    yield b
-    b.cleanup()
-
-
 def test_mutual_tls_client_certificate(pki, mtls_broker):
     base = f"mqtts://127.0.0.1:{mtls_broker.tls_port}?cafile={pki}/ca.crt"
     good = f"{base}&certfile={pki}/client.crt&keyfile={pki}/client.key"
@@ -422,13 +378,7 @@ BAD_CONFIGS = [
 
 
 def pythons():
-    found = []
-    for v in ("3.10", "3.11", "3.12", "3.13"):
-        exe = sorted(glob.glob(os.path.expanduser(f"~/.pyenv/versions/{v}.*/bin/python3")))
-        if not exe:
-            pytest.fail(f"CPython {v} not found under ~/.pyenv/versions")
-        found.append(exe[-1])
-    return found
+    return [pyenv_python(v) for v in ("3.10", "3.11", "3.12", "3.13")]
 
 
 def test_config_errors_are_one_line_on_every_python(tmp_path):
@@ -652,18 +602,6 @@ def test_restart_command_honours_its_timeout(hostile):
 # ---------------------------------------------------------------------------
 # 10, 11. wslog: long lines, linear framing, escapes
 # ---------------------------------------------------------------------------
-
-@pytest.fixture
-def ws_server():
-    servers = []
-
-    def make(sessions):
-        servers.append(FakeWS(sessions))
-        return servers[-1]
-    yield make
-    for s in servers:
-        s.close()
-
 
 def wslog_until(address, path, text, timeout=30):
     stop = threading.Event()

@@ -14,7 +14,7 @@ real ones:
   basic auth, answering ``{"code": 200, "status": [{"name", "successful",
   "failed"[, "error"]}]}`` (200 even when records are dropped), 401
   ``Unauthorized Access`` in plain text, ``{"code": 500, "message": ...}``;
-* :class:`FakeWS` -- the ``/api/ws`` log websocket (the ``websockets``
+* :class:`testlib.FakeWS` -- the ``/api/ws`` log websocket (the ``websockets``
   library): plain-text frames with ANSI colours that split and join lines,
   connections dropped mid-line, handshakes refused with 401 or 429.
 """
@@ -28,28 +28,18 @@ import subprocess
 import sys
 import threading
 import time
-from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from websockets.sync.server import serve
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 import mqbtt  # noqa: E402
 from local_broker import free_port  # noqa: E402
+from testlib import CLOSE, DROP, HOLD, wait_for  # noqa: E402
 
 SECRET = "s3cr3t-Pa55-9f2c7e"
 O2_USER = "ops@example.org"
-
-
-def wait_for(predicate, timeout=60.0, what="condition"):
-    """Wait until *predicate()* is true (polling), fail after *timeout*."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 # ---------------------------------------------------------------------------
@@ -241,59 +231,6 @@ class FakeO2:
 # Fake AxeOS log websocket
 # ---------------------------------------------------------------------------
 
-DROP, CLOSE, HOLD = "<drop>", "<close>", "<hold>"
-
-
-class FakeWS:
-    """``/api/ws``: session *i* (the last one repeats) is a list of frames
-    (str: text frame, bytes: binary frame) and a final DROP (abrupt TCP
-    close), CLOSE (websocket close) or HOLD (keep open until the end).
-    *refuse(attempt)* may return an HTTP status to refuse a handshake."""
-
-    def __init__(self, sessions, refuse=None):
-        self.sessions = sessions
-        self.refuse = refuse
-        self.attempts = 0
-        self.connections = 0
-        self.paths = []
-        self.release = threading.Event()
-        self._server = serve(self._handler, "127.0.0.1", 0, compression=None,
-                             process_request=self._process, ping_interval=None)
-        self.port = self._server.socket.getsockname()[1]
-        self.address = f"127.0.0.1:{self.port}"
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-
-    def _process(self, connection, request):
-        self.paths.append(request.path)
-        attempt = self.attempts
-        self.attempts += 1
-        status = self.refuse(attempt) if self.refuse else None
-        if status:
-            return connection.respond(HTTPStatus(status), HTTPStatus(status).phrase + "\n")
-        if request.path != "/api/ws":
-            return connection.respond(HTTPStatus.NOT_FOUND, "Not Found\n")
-        return None
-
-    def _handler(self, conn):
-        i = self.connections
-        self.connections += 1
-        for action in self.sessions[min(i, len(self.sessions) - 1)]:
-            if action == DROP:
-                conn.close_socket()
-                return
-            if action == CLOSE:
-                conn.close()
-                return
-            if action == HOLD:
-                self.release.wait(30)
-                return
-            conn.send(action)
-
-    def close(self):
-        self.release.set()
-        self._server.shutdown()
-
-
 # ---------------------------------------------------------------------------
 # Fixtures and helpers
 # ---------------------------------------------------------------------------
@@ -310,18 +247,6 @@ def o2():
     fake = FakeO2()
     yield fake
     fake.close()
-
-
-@pytest.fixture
-def ws_server():
-    servers = []
-
-    def make(sessions, refuse=None):
-        servers.append(FakeWS(sessions, refuse))
-        return servers[-1]
-    yield make
-    for s in servers:
-        s.close()
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, ROOT)
 import build_zipapp  # noqa: E402
 import mqbtt  # noqa: E402
+from testlib import pyenv_python  # noqa: E402
 
 PYTHONS = ["3.10", "3.11", "3.12", "3.13"]
 NEW_VERSION = "99.0.0"
@@ -30,16 +31,6 @@ NEW_VERSION = "99.0.0"
 def sha256(path):
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
-
-
-def python_for(version):
-    """The interpreter of CPython *version* (pyenv layout), or a clear failure."""
-    pyenv = os.environ.get("PYENV_ROOT", os.path.expanduser("~/.pyenv"))
-    found = sorted(glob.glob(os.path.join(pyenv, "versions", f"{version}.*", "bin", "python3")))
-    if not found:
-        pytest.fail(f"CPython {version} not found under {pyenv}/versions "
-                    f"(install it with: pyenv install {version})")
-    return found[-1]
 
 
 def run(cmd, env=None, **kw):
@@ -115,7 +106,7 @@ class TestBuild:
 
 @pytest.mark.parametrize("version", PYTHONS)
 def test_version_under_each_python(dist, version):
-    result = run([python_for(version), dist.pyz, "--version"], env=dist.env)
+    result = run([pyenv_python(version), dist.pyz, "--version"], env=dist.env)
     assert result.returncode == 0, result.stderr
     assert result.stdout == f"mqbtt {mqbtt.__version__}\n"
     # the entry module leaves mqbtt.py's bytecode for this Python (even with PYTHONDONTWRITEBYTECODE)
