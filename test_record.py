@@ -313,7 +313,12 @@ def test_flood_zero_loss(flood_broker, tmp_path, how):
           f"{len(distinct)} distinct, lost {len(expected - distinct)}, duplicates {duplicates}")
     assert distinct == expected                     # zero lost, byte-exact, nothing else
     if how == "SIGKILL":
-        assert duplicates <= 20                     # at most the broker's in-flight window
+        # what the killed run had committed but the broker had not yet seen acknowledged:
+        # one or two commit batches of 10 as a rule; Mosquitto 2.0 lets each late PUBACK
+        # release up to 20 more messages (bench/inflight_window.py), so a kill during a
+        # flood can find a few more batches in flight (0-40 in 43 kills, test_postgres). A
+        # recorder that acknowledged only at its stop would duplicate all it stored.
+        assert duplicates <= 100
     else:
         assert duplicates == 0                      # a clean stop acknowledges what it stored
 
