@@ -25,6 +25,7 @@ else:
     if os.environ.get("CI"):
         _hypothesis_settings.load_profile("ci")
 
+
 def _initdb_path():
     from local_postgres import pg_bindir
     try:

@@ -6,7 +6,7 @@ round trip on a STOCK Mosquitto with one mechanism applied in both processes.
 none: no quick ACKs; once: TCP_QUICKACK set once when the socket opens; onlog: set from paho's
 on_log on every "Received ..." line; recvwrap: set after every recv() by a wrapper replacing paho's
 private socket; callbacks: what mqbtt does.  The experiment patches mqbtt (only here)."""
-import sys, time, os, resource
+import sys, os, resource
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), os.path.join(os.path.dirname(HERE), "examples"), HERE]
 import mqbtt, run
